@@ -1,0 +1,80 @@
+"""Removable forward wrappers.
+
+Methods change behaviour by wrapping a module's ``forward``. Several methods may wrap the same
+module; each wrapper gets a :class:`WrapHandle` and removal in any order rebuilds the chain from
+the original forward, so after every handle is removed the module's ``forward`` is exactly what it
+was before (the instance attribute is deleted if there was none): outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from torch import nn
+
+# wrapper(inner_forward, *args, **kwargs) -> output
+Wrapper = Callable[..., Any]
+
+_CHAIN_ATTR = "_diffspeed_forward_chain"
+_MISSING = object()
+
+
+class _Chain:
+    def __init__(self, module: nn.Module) -> None:
+        self.original_instance_forward = module.__dict__.get("forward", _MISSING)
+        self.wrappers: list[tuple[int, Wrapper]] = []
+        self.next_id = 0
+
+    def base_forward(self, module: nn.Module) -> Callable[..., Any]:
+        if self.original_instance_forward is not _MISSING:
+            return self.original_instance_forward
+        return type(module).forward.__get__(module, type(module))
+
+    def rebuild(self, module: nn.Module) -> None:
+        if not self.wrappers:
+            if self.original_instance_forward is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = self.original_instance_forward
+            module.__dict__.pop(_CHAIN_ATTR, None)
+            return
+        fn = self.base_forward(module)
+        for _, wrapper in self.wrappers:  # first added is innermost
+            fn = functools.partial(wrapper, fn)
+        module.__dict__["forward"] = fn
+
+
+class WrapHandle:
+    """Undoes one :func:`wrap_forward`."""
+
+    def __init__(self, module: nn.Module, wrapper_id: int) -> None:
+        self.module = module
+        self.wrapper_id = wrapper_id
+        self.removed = False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        chain: _Chain | None = self.module.__dict__.get(_CHAIN_ATTR)
+        if chain is not None:
+            chain.wrappers = [(i, w) for i, w in chain.wrappers if i != self.wrapper_id]
+            chain.rebuild(self.module)
+        self.removed = True
+
+
+def wrap_forward(module: nn.Module, wrapper: Wrapper) -> WrapHandle:
+    """Wrap ``module.forward`` with ``wrapper(inner, *args, **kwargs)``; returns a removable handle."""
+    chain: _Chain | None = module.__dict__.get(_CHAIN_ATTR)
+    if chain is None:
+        chain = _Chain(module)
+        module.__dict__[_CHAIN_ATTR] = chain
+    wrapper_id = chain.next_id
+    chain.next_id += 1
+    chain.wrappers.append((wrapper_id, wrapper))
+    chain.rebuild(module)
+    return WrapHandle(module, wrapper_id)
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    return _CHAIN_ATTR in module.__dict__

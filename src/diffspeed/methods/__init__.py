@@ -1,0 +1,28 @@
+"""Acceleration methods. Importing this package registers every built-in method."""
+
+from .base import (
+    MethodConfig,
+    MethodHandle,
+    Stage,
+    applied_methods,
+    apply,
+    config_class,
+    config_from_dict,
+    method_names,
+    register_method,
+)
+from . import compile as _compile  # noqa: F401  (registers)
+from .compile import CompileConfig
+
+__all__ = [
+    "MethodConfig",
+    "MethodHandle",
+    "Stage",
+    "apply",
+    "applied_methods",
+    "config_class",
+    "config_from_dict",
+    "method_names",
+    "register_method",
+    "CompileConfig",
+]

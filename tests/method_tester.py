@@ -1,0 +1,102 @@
+"""Shared tests every method's test class inherits (after diffusers' CacheTesterMixin idea).
+
+Subclass :class:`MethodTests`, implement :meth:`make_config`, and set ``changed_stat`` to a counter
+in ``handle.stats`` that proves the method did real work (e.g. blocks skipped). The suite checks:
+apply gives finite outputs; remove restores bit-identical outputs; applying twice raises; state
+resets between generations (same seeds -> same output, a different step count works); the method
+changes something when it should; cond/uncond as separate calls keep separate state; JSON round trip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffspeed
+from diffspeed.errors import AlreadyAppliedError
+from diffspeed.methods.base import MethodConfig
+from diffspeed.recipe import Recipe
+from diffspeed.sampler import generate
+
+
+class MethodTests:
+    model_name: str = "tiny-dit"
+    steps: int = 8
+    guidance: float = 3.0
+    seeds: tuple[int, ...] = (0, 1)
+    # output must differ from the full model's (False for exact methods, e.g. slicing)
+    expect_change: bool = True
+    # a key of handle.stats that must be > 0 after a generation (real work skipped/changed)
+    changed_stat: str | None = None
+
+    def make_config(self) -> MethodConfig:
+        raise NotImplementedError
+
+    # ---- helpers -------------------------------------------------------------------------
+    @pytest.fixture
+    def loaded(self):
+        from diffspeed.models.loading import load_model
+
+        torch.manual_seed(0)
+        return load_model(self.model_name)
+
+    def run(self, loaded, steps: int | None = None, cfg_mode: str = "batched") -> torch.Tensor:
+        labels = [i % (loaded.num_classes or 4) for i in range(len(self.seeds))]
+        return generate(loaded, labels, list(self.seeds), num_steps=steps or self.steps,
+                        guidance_scale=self.guidance, cfg_mode=cfg_mode)
+
+    # ---- the shared suite ----------------------------------------------------------------
+    def test_apply_gives_finite_outputs(self, loaded):
+        handle = diffspeed.apply(loaded.transformer, self.make_config())
+        out = self.run(loaded)
+        assert torch.isfinite(out).all()
+        handle.remove()
+
+    def test_remove_restores_bit_identical(self, loaded):
+        base = self.run(loaded)
+        handle = diffspeed.apply(loaded.transformer, self.make_config())
+        self.run(loaded)
+        handle.remove()
+        after = self.run(loaded)
+        assert torch.equal(base, after), "remove() must restore bit-identical outputs"
+
+    def test_apply_twice_raises(self, loaded):
+        handle = diffspeed.apply(loaded.transformer, self.make_config())
+        with pytest.raises(AlreadyAppliedError):
+            diffspeed.apply(loaded.transformer, self.make_config())
+        handle.remove()
+        diffspeed.apply(loaded.transformer, self.make_config()).remove()  # re-applying after remove works
+
+    def test_state_resets_between_generations(self, loaded):
+        with diffspeed.apply(loaded.transformer, self.make_config()):
+            first = self.run(loaded)
+            second = self.run(loaded)
+            assert torch.equal(first, second), "state leaked from one generation into the next"
+            other = self.run(loaded, steps=self.steps + 3)
+            assert torch.isfinite(other).all()
+            assert torch.equal(self.run(loaded), first)
+
+    def test_changes_something(self, loaded):
+        base = self.run(loaded)
+        handle = diffspeed.apply(loaded.transformer, self.make_config())
+        out = self.run(loaded)
+        stats = dict(handle.stats)
+        handle.remove()
+        if self.expect_change:
+            assert not torch.equal(base, out), "method had no effect on the output"
+        if self.changed_stat is not None:
+            assert stats.get(self.changed_stat, 0) > 0, f"stat {self.changed_stat!r} shows no work done: {stats}"
+        assert self.expect_change or self.changed_stat, "a method test must check that the method does something"
+
+    def test_separate_cfg_branches(self, loaded):
+        with diffspeed.apply(loaded.transformer, self.make_config()):
+            out = self.run(loaded, cfg_mode="separate")
+            assert torch.isfinite(out).all()
+            ctx = diffspeed.get_context(loaded.transformer)
+            assert ctx.num_steps == self.steps
+
+    def test_json_round_trip(self):
+        cfg = self.make_config()
+        recipe = Recipe((cfg,))
+        again = Recipe.from_json(recipe.to_json())
+        assert again.methods == (cfg,)
