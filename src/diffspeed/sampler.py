@@ -129,7 +129,9 @@ def sample(
     try:
         for i in steps_iter:
             t = timesteps[i]
-            model_in = x if scheduler is None else scheduler.scale_model_input(x, timesteps[i] if not hasattr(scheduler, "timesteps") else scheduler.timesteps[i])
+            model_in = x
+            if scheduler is not None and hasattr(scheduler, "scale_model_input"):
+                model_in = scheduler.scale_model_input(x, scheduler.timesteps[i])
             t_vec = torch.full((batch,), t, device=device, dtype=torch.float32)
             if not use_cfg:
                 ctx.set_step(i, t, "cond")

@@ -13,6 +13,8 @@ from .base import (
 )
 from . import compile as _compile  # noqa: F401  (registers)
 from .compile import CompileConfig
+from . import step_cache as _step_cache  # noqa: F401
+from .step_cache import StepCacheConfig
 
 __all__ = [
     "MethodConfig",
@@ -25,4 +27,5 @@ __all__ = [
     "method_names",
     "register_method",
     "CompileConfig",
+    "StepCacheConfig",
 ]
