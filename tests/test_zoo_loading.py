@@ -21,6 +21,14 @@ CPU = torch.device("cpu")
 TINY = [n for n in zoo_names() if n.startswith("tiny-")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add OpenMP barrier waits on a busy CPU
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # no test may touch the network, nor hang on it

@@ -94,7 +94,9 @@ def sample(
     if use_cfg and condition.uncond is None:
         raise DiffspeedError("guidance scale > 1 needs an unconditional condition (condition.uncond is None)")
     param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    # the compute dtype: some classes keep a few modules in float32 (diffusers' _keep_in_fp32_modules)
+    device = param.device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), torch.float32)
     if latent_shape is None:
         latent_shape = adapter.default_latent_shape(model)
     if not seeds:

@@ -11,7 +11,9 @@ packs 2x2 patches into the (B, H/2 * W/2, 4C) token sequence the model takes, bu
 ``{"encoder_hidden_states": (B, L, joint_attention_dim), "pooled_projections": (B, pooled_dim)}``,
 optionally ``"guidance"`` (B,) for guidance-distilled models (default :attr:`FluxAdapter.default_guidance`
 when ``config.guidance_embeds``). The forward takes sigma in [0, 1] as ``timestep`` and multiplies it by
-1000 itself, so ``predict`` divides the sampler's 1000-scale timestep by 1000.
+1000 itself, so ``predict`` divides the sampler's 1000-scale timestep by 1000. Leave ``img_ids`` /
+``txt_ids`` out of the condition: they are not batch-first (the sampler would concatenate them for
+batched CFG) and ``predict`` builds them from the latent and text sizes.
 """
 
 from __future__ import annotations
