@@ -36,6 +36,7 @@ from ..context import get_context
 from ..errors import DiffspeedError
 from ..hooks import wrap_forward
 from .base import MethodConfig, MethodHandle, Stage, register_method
+from .lagged import LaggedScalar, rel_l1
 
 
 @dataclass(frozen=True)
@@ -76,30 +77,6 @@ class StepCacheConfig(MethodConfig):
             raise DiffspeedError(f"step_cache final_steps must be >= 0, got {self.final_steps}")
         if self.max_error is not None and not self.max_error > 0:
             raise DiffspeedError(f"step_cache max_error must be > 0 or null, got {self.max_error}")
-
-
-class _LaggedScalar:
-    """A device scalar copied to host asynchronously; read one step later without stalling."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        if value.is_cuda:
-            self.host = torch.empty((), dtype=torch.float32, pin_memory=True)
-            self.host.copy_(value.detach().float(), non_blocking=True)
-            self.event: torch.cuda.Event | None = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = value.detach().float()
-            self.event = None
-
-    def read(self, stats: dict[str, float]) -> float:
-        if self.event is not None and not self.event.query():
-            stats["host_waits"] = stats.get("host_waits", 0) + 1  # rare: the GPU is > 1 step behind
-            self.event.synchronize()
-        return float(self.host)
-
-
-def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)
 
 
 @register_method(StepCacheConfig)
@@ -144,7 +121,7 @@ def apply_step_cache(model: nn.Module, config: StepCacheConfig, adapter: ModelAd
         h_out, _ = io.split_output(out)
         r0 = h_out - hidden
         if "r0" in st:
-            st["pending"] = _LaggedScalar(_rel_l1(r0, st["r0"]))
+            st["pending"] = LaggedScalar(rel_l1(r0, st["r0"]))
         st["r0"] = r0
         st["inputs"] = (hidden, encoder)
         if n_blocks == 1:
