@@ -303,7 +303,8 @@ def test_write_json_unwritable_path_raises(tmp_path):
 
 def test_dense_baseline_cpu_smoke(tmp_path):
     out = tmp_path / "dense.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "dense_baseline.py"), "--device", "cpu", "--model", "tiny-dit",
          "--batches", "1,2", "--out", str(out), "--target-ms", "20"],
