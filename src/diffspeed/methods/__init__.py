@@ -15,6 +15,8 @@ from . import compile as _compile  # noqa: F401  (registers)
 from .compile import CompileConfig
 from . import step_cache as _step_cache  # noqa: F401
 from .step_cache import StepCacheConfig
+from . import block_cache as _block_cache  # noqa: F401
+from .block_cache import BlockCacheConfig
 
 __all__ = [
     "MethodConfig",
@@ -28,4 +30,5 @@ __all__ = [
     "register_method",
     "CompileConfig",
     "StepCacheConfig",
+    "BlockCacheConfig",
 ]
