@@ -222,7 +222,16 @@ def _mount_train() -> None:
     app.add_typer(train_app, name="train", help="Train the reference models and judges (CPU smoke or GPU).")
 
 
+def _mount_calibrate() -> None:
+    try:
+        from .calibrate import app as calibrate_app
+    except ImportError:  # pragma: no cover
+        return
+    app.add_typer(calibrate_app, name="calibrate", help="Offline calibration of cache schedules (e.g. ERTACache).")
+
+
 _mount_train()
+_mount_calibrate()
 
 
 def main() -> None:

@@ -17,6 +17,9 @@ from . import step_cache as _step_cache  # noqa: F401
 from .step_cache import StepCacheConfig
 from . import block_cache as _block_cache  # noqa: F401
 from .block_cache import BlockCacheConfig
+from .erta_cache import ErtaCacheConfig  # noqa: F401  (importing the module registers erta_cache)
+from . import motion_cache as _motion_cache  # noqa: F401
+from .motion_cache import MotionCacheConfig
 
 __all__ = [
     "MethodConfig",
@@ -32,3 +35,4 @@ __all__ = [
     "StepCacheConfig",
     "BlockCacheConfig",
 ]
+__all__ += ["ErtaCacheConfig"]

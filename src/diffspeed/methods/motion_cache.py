@@ -1,0 +1,465 @@
+"""Token-level reuse by motion for video DiTs (after "MotionCache", 2025), with sync-free decisions.
+
+Idea: in a video DiT the tokens of static regions change little from one denoising step to the
+next, while the tokens of moving regions change a lot. So, per token, the block stack's output is
+recomputed often where there is motion and reused where there is none.
+
+Design (what runs, per forward call of the transformer):
+
+* **Full steps** run the block stack on every token, as the unmodified model does, and refresh the
+  per-token cache: the block-stack residual ``r = h_out - h_in`` of every video token (``h_in`` =
+  the hidden states entering the first block, ``h_out`` = those leaving the last one). The first
+  ``warmup_steps``, the last ``final_steps`` and every ``full_every``-th step (at most
+  ``full_every - 1`` partial steps in a row) are full.
+* **Partial steps** run the *whole block stack on a reduced token set*: ``K = ceil(recompute_ratio *
+  N)`` video tokens per sample, gathered at the first block's input. Their positional information is
+  kept: Wan computes its rotary table from the full grid inside the model's forward, so the matching
+  rows of ``rotary_emb`` (and of the per-token ``temb`` of Wan 2.2 TI2V) are gathered at every
+  block call; CogVideoX adds its sin-cos positions before the blocks (nothing to do) or passes a
+  rotary table (gathered too). After the last block the full sequence is rebuilt: recomputed tokens
+  take their new output, every other token gets ``h_in + cached residual`` (its current input plus
+  the residual cached when it was last computed), and the cache is updated for the recomputed
+  tokens. The patch embedding and the output head always run on all tokens, so the current latents
+  and timestep are honoured everywhere. CogVideoX's text tokens (its blocks' ``encoder_hidden_states``)
+  are always computed in full; only video tokens are reduced.
+* **The approximation**: on a partial step the recomputed tokens attend only to each other (and,
+  for CogVideoX, to the text tokens), not to the reused ones; reused tokens get a stale residual
+  on top of their current input. The first error is zero when the reused tokens really are static
+  (their residual does not change) and their influence on the recomputed tokens through attention
+  is small. ``recompute_ratio=1.0`` recomputes every token through the same gather/scatter path and
+  is bit-identical to the unmodified model (tested).
+
+Which tokens are recomputed. A score per token::
+
+    score = motion_weight * motion + change
+
+* ``motion``: mean ``|x[f] - x[f-1]|`` of the transformer's *input latent* over the token's patch
+  (frame difference; the first frame uses the next frame), normalised per sample to mean 1. The
+  latent is read from the top-level forward call (a wrapper on the model's forward), and the token
+  grid ``(F', H', W')`` comes from the latent's shape and the config's patch sizes
+  (:func:`token_grid`).
+* ``change``: per token, the relative L1 change of its block-stack residual the last time it was
+  computed (vs. the residual cached before), normalised per sample to mean 1: a lagged estimate of
+  how fast that token is changing. It stays on the device.
+
+The ``K`` tokens with the highest priority are recomputed, where tokens whose cached residual would
+be older than ``max_age`` steps come first (oldest first), then the others by score. ``K`` is a
+fixed function of the shape, so selection (``topk``), gather and scatter all stay on the device:
+the hot path has no device-to-host sync, and under ``torch.compile`` the shapes are static. The
+price: if more tokens are stale than ``K`` holds, the rest wait a step; with ``full_every - 1 <=
+max_age`` (the defaults: 4 and 3) no token's age can exceed ``max_age`` at all, since a full step
+refreshes every token.
+
+Per-sample selection: each row of the batch (batched CFG included) chooses its own tokens. With a
+CogVideoX rotary table (shape ``(N, d)``, shared by the batch) the rows share one selection (the
+mean priority across rows) because the attention processor cannot take a per-row table.
+
+State is per CFG branch (:meth:`~diffspeed.context.StepContext.state`); separate cond / uncond
+forwards keep separate caches. ``handle.stats``: ``full_steps``, ``partial_steps`` (forward
+calls), ``tokens_recomputed`` (token rows run through the block stack, full steps included),
+``tokens_reused`` and ``skipped_fraction`` (share of token-block computations skipped over the
+generation). ``handle.state_key`` names the per-branch state; its ``"cache"`` holds ``hits``, the
+number of partial steps each token was recomputed in (tests and analysis).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.base import BlockIO, ModelAdapter
+from ..context import get_context
+from ..errors import DiffspeedError, IncompatibleMethodsError
+from ..hooks import wrap_forward
+from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
+
+_EPS = 1e-12
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class MotionCacheConfig(MethodConfig):
+    """Recompute moving tokens, reuse the cached block-stack residual of static ones (video DiTs).
+
+    recompute_ratio: fraction of video tokens run through the blocks on a partial step (the rest
+        reuse their cached residual); 1.0 = all (exact).
+    motion_weight: weight of the latent frame-difference term against the residual-change term
+        (0 = residual change only).
+    warmup_steps: the first steps are computed in full.
+    full_every: at most ``full_every - 1`` partial steps in a row; the next one is full and
+        refreshes every token's cache.
+    max_age: a token whose cached residual would be older than this many steps is recomputed first.
+    final_steps: the last steps are computed in full; needs a known step count.
+    """
+
+    method: ClassVar[str] = "motion_cache"
+    stage: ClassVar[Stage] = Stage.TOKENS
+    incompatible: ClassVar[dict[str, str]] = {
+        "step_cache": (
+            "motion_cache runs the blocks on a changing subset of tokens on partial steps, so a whole-stack "
+            "residual cached by step_cache would belong to other tokens; use one of them"
+        ),
+        "block_cache": (
+            "motion_cache runs the blocks on a changing subset of tokens on partial steps, so block_cache's "
+            "cached middle residual would belong to other tokens; use one of them"
+        ),
+    }
+    compile_note: ClassVar[str] = (
+        "the full/partial schedule is host-side Python (two paths, each traced once); the reduced token "
+        "count is a static function of the shape, and selection/gather/scatter are device ops, so no "
+        "dynamic shapes and no syncs"
+    )
+
+    recompute_ratio: float = 0.5
+    motion_weight: float = 1.0
+    warmup_steps: int = 3
+    full_every: int = 4
+    max_age: int = 3
+    final_steps: int = 1
+
+    def __post_init__(self) -> None:
+        r = self.recompute_ratio
+        if not _is_number(r) or not 0 < r <= 1:
+            raise DiffspeedError(
+                f"motion_cache recompute_ratio must be in (0, 1] (e.g. 0.5; 1.0 recomputes every token), got {r!r}"
+            )
+        if not _is_number(self.motion_weight) or self.motion_weight < 0:
+            raise DiffspeedError(
+                "motion_cache motion_weight must be a finite number >= 0 (0 = rank tokens by residual change only), "
+                f"got {self.motion_weight!r}"
+            )
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
+            raise DiffspeedError(
+                "motion_cache warmup_steps must be an integer >= 1 (the first step has nothing to reuse), "
+                f"got {self.warmup_steps!r}"
+            )
+        if not _is_int(self.full_every) or self.full_every < 2:
+            raise DiffspeedError(
+                "motion_cache full_every must be an integer >= 2 (1 would compute every step in full), "
+                f"got {self.full_every!r}"
+            )
+        if not _is_int(self.max_age) or self.max_age < 1:
+            raise DiffspeedError(
+                "motion_cache max_age must be an integer >= 1 (steps a cached token may be reused), "
+                f"got {self.max_age!r}"
+            )
+        if not _is_int(self.final_steps) or self.final_steps < 0:
+            raise DiffspeedError(f"motion_cache final_steps must be an integer >= 0, got {self.final_steps!r}")
+
+
+# ---- model families -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    """Where one video family keeps what motion_cache needs."""
+
+    name: str
+    latent_layout: str  # "cfhw": (B, C, F, H, W) (Wan); "fchw": (B, F, C, H, W) (CogVideoX)
+    # block call arguments as (position, keyword)
+    temb: tuple[int, str]
+    rotary: tuple[int, str]
+
+
+_WAN = _Family("wan", "cfhw", temb=(2, "temb"), rotary=(3, "rotary_emb"))
+_COGVIDEOX = _Family("cogvideox", "fchw", temb=(2, "temb"), rotary=(3, "image_rotary_emb"))
+_FAMILIES = {"WanTransformer3DModel": _WAN, "CogVideoXTransformer3DModel": _COGVIDEOX}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _family(model: nn.Module) -> _Family:
+    base = _unwrap(model)
+    for klass in type(base).__mro__:
+        fam = _FAMILIES.get(klass.__name__)
+        if fam is not None:
+            return fam
+    raise DiffspeedError(f"motion_cache needs a video model (Wan/CogVideoX); got {type(base).__name__}")
+
+
+def patch_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (pt, ph, pw) patch of a Wan / CogVideoX transformer (latent units)."""
+    base = _unwrap(model)
+    fam = _family(base)
+    cfg = base.config
+    if fam is _WAN:
+        pt, ph, pw = (int(p) for p in cfg.patch_size)
+        return pt, ph, pw
+    p = int(cfg.patch_size)
+    return int(cfg.patch_size_t or 1), p, p
+
+
+def token_grid(model: nn.Module, latent_shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int]:
+    """The video token grid (F', H', W') for a transformer input of ``latent_shape``.
+
+    ``latent_shape`` is the shape of the model's own ``hidden_states`` input: (B, C, F, H, W) for
+    Wan, (B, F, C, H, W) for CogVideoX. Tokens are ordered frame-major, then row, then column in
+    both families. Raises :class:`DiffspeedError` naming the class for non-video models.
+    """
+    fam = _family(model)
+    if len(latent_shape) != 5:
+        raise DiffspeedError(f"motion_cache expects a 5-D video latent, got shape {tuple(latent_shape)}")
+    pt, ph, pw = patch_size(model)
+    if fam.latent_layout == "cfhw":
+        _, _, f, h, w = latent_shape
+    else:
+        _, f, _, h, w = latent_shape
+    return int(f) // pt, int(h) // ph, int(w) // pw
+
+
+def frame_motion(latent: torch.Tensor, layout: str, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N) per-token motion: mean |x[f] - x[f-1]| over the token's patch, normalised to mean 1 per sample.
+
+    The first frame uses the difference to the next frame; a single-frame latent has no motion (zeros).
+    """
+    x = latent.detach().float()
+    if layout == "fchw":
+        x = x.transpose(1, 2)  # -> (B, C, F, H, W)
+    b, _, frames, _, _ = x.shape
+    if frames < 2:
+        pt, ph, pw = patch
+        n = (frames // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
+        return x.new_zeros(b, n)
+    d = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=1, keepdim=True)  # (B, 1, F-1, H, W)
+    d = torch.cat([d[:, :, :1], d], dim=2)  # frame 0 uses frame 1's difference
+    m = F.avg_pool3d(d, kernel_size=patch, stride=patch).flatten(1)  # (B, F'*H'*W')
+    return m / m.mean(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def _rel_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per-token relative L1 change (B, T, D) -> (B, T), float32."""
+    new, old = new.float(), old.float()
+    return (new - old).abs().mean(dim=-1) / old.abs().mean(dim=-1).clamp_min(_EPS)
+
+
+def _get_arg(args: tuple, kwargs: dict, spec: tuple[int, str]) -> Any:
+    pos, name = spec
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else None
+
+
+def _set_arg(args: tuple, kwargs: dict, spec: tuple[int, str], value: Any) -> tuple[tuple, dict]:
+    pos, name = spec
+    if name in kwargs or len(args) <= pos:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+        return args, kwargs
+    args = args[:pos] + (value,) + args[pos + 1 :]
+    return args, kwargs
+
+
+def _rotary_mode(fam: _Family, rotary: Any, batch: int, n: int) -> str | None:
+    """How the rotary table's token axis can be reduced: "none", "row", "shared", or None (unsupported)."""
+    if rotary is None:
+        return "none"
+    parts = rotary if isinstance(rotary, (tuple, list)) else (rotary,)
+    if not all(isinstance(t, torch.Tensor) for t in parts):
+        return None
+    if fam is _WAN and all(t.dim() >= 2 and t.shape[0] in (1, batch) and t.shape[1] == n for t in parts):
+        return "row"  # (1 or B, N, 1, d): gather per row
+    if fam is _COGVIDEOX and all(t.dim() == 2 and t.shape[0] == n for t in parts):
+        return "shared"  # (N, d): one selection for the whole batch
+    return None
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t: (1 or B, N, ...), idx: (B, K) -> (B, K, ...)."""
+    if t.shape[0] == 1:
+        return t[0][idx]
+    bidx = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+    return t[bidx, idx]
+
+
+def _reduce_rotary(rotary: Any, mode: str, idx: torch.Tensor) -> Any:
+    if mode == "none":
+        return rotary
+    if mode == "row":
+        fn = lambda t: _gather_rows(t, idx)  # noqa: E731
+    else:
+        fn = lambda t: t[idx[0]]  # noqa: E731
+    if isinstance(rotary, (tuple, list)):
+        return type(rotary)(fn(t) for t in rotary)
+    return fn(rotary)
+
+
+@register_method(MotionCacheConfig)
+def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: ModelAdapter) -> MethodHandle:
+    base = _unwrap(model)
+    fam = _family(base)  # clear error for image models
+    for other, reason in config.incompatible.items():
+        if other in applied_methods(model):
+            raise IncompatibleMethodsError(f"'motion_cache' cannot be combined with {other!r}: {reason}")
+    blocks = adapter.blocks(model)
+    n_blocks = len(blocks)
+    patch = patch_size(base)
+
+    handle = MethodHandle(model, config)
+    ctx = get_context(model)
+    key = f"motion_cache@{id(handle)}"
+    handle.state_key = key  # type: ignore[attr-defined]
+    stats = handle.stats
+    stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
+                  "skipped_fraction": 0.0})
+
+    def partial_allowed(st: dict) -> bool:
+        step, total = ctx.step_index, ctx.num_steps
+        if step < config.warmup_steps:
+            return False
+        if total is not None and step >= total - config.final_steps:
+            return False
+        if st.get("partials", 0) >= config.full_every - 1:
+            return False
+        return "cache" in st
+
+    def model_wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
+        st = ctx.state(key)
+        latent = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        ok = isinstance(latent, torch.Tensor) and latent.dim() == 5
+        st["plan"] = {"partial": ok and partial_allowed(st), "latent": latent if ok else None, "started": False}
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            st.pop("plan", None)
+
+    def select(st: dict, plan: dict, hidden: torch.Tensor, rotary: Any) -> bool:
+        """Decide this call's reduced token set (device ops only); False = run in full."""
+        cache = st.get("cache")
+        b, n = hidden.shape[:2]
+        if cache is None or cache["residual"].shape != hidden.shape:
+            return False
+        mode = _rotary_mode(fam, rotary, b, n)
+        if mode is None:
+            return False
+        latent = plan["latent"]
+        grid = token_grid(base, latent.shape)
+        if latent.shape[0] != b or grid[0] * grid[1] * grid[2] != n:
+            return False
+        k = min(n, max(1, math.ceil(config.recompute_ratio * n)))
+        score = cache["change"] / cache["change"].mean(dim=1, keepdim=True).clamp_min(_EPS)
+        if config.motion_weight > 0:
+            score = score + config.motion_weight * frame_motion(latent, fam.latent_layout, patch)
+        score = score.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        age_now = cache["age"] + 1  # steps since the token's residual was computed, if reused now
+        stale = age_now > config.max_age
+        top = score.amax(dim=1, keepdim=True)
+        prio = torch.where(stale, top + 1.0 + age_now.float(), score)  # stale first, oldest first
+        if mode == "shared":
+            prio = prio.mean(dim=0, keepdim=True)
+        idx = prio.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        if mode == "shared":
+            idx = idx.expand(b, k)
+        plan["idx"] = idx
+        plan["rotary"] = _reduce_rotary(rotary, mode, idx)
+        plan["k"] = k
+        return True
+
+    def reduce_args(plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        idx = plan["idx"]
+        if first:
+            hidden = plan["h_in"]
+            small = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            args, kwargs = _set_arg(args, kwargs, (0, io.hidden_arg), small)
+        if plan["rotary_present"]:
+            args, kwargs = _set_arg(args, kwargs, fam.rotary, plan["rotary"])
+        temb = _get_arg(args, kwargs, fam.temb)
+        per_token = isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == plan["h_in"].shape[1]
+        if fam is _WAN and per_token:
+            if "temb" not in plan:  # Wan 2.2 TI2V: per-token modulation (B, N, 6, D)
+                plan["temb"] = _gather_rows(temb, idx)
+            args, kwargs = _set_arg(args, kwargs, fam.temb, plan["temb"])
+        return args, kwargs
+
+    def start(st: dict, plan: dict, io: BlockIO, args: tuple, kwargs: dict) -> None:
+        hidden, _ = io.get_states(args, kwargs)
+        plan["h_in"] = hidden
+        plan["started"] = True
+        rotary = _get_arg(args, kwargs, fam.rotary)
+        plan["rotary_present"] = rotary is not None
+        b, n = hidden.shape[:2]
+        partial = plan["partial"] and select(st, plan, hidden, rotary)
+        plan["partial"] = partial
+        if partial:
+            k = plan["k"]
+            st["partials"] = st.get("partials", 0) + 1
+            stats["partial_steps"] += 1
+            stats["tokens_recomputed"] += b * k
+            stats["tokens_reused"] += b * (n - k)
+        else:
+            st["partials"] = 0
+            stats["full_steps"] += 1
+            stats["tokens_recomputed"] += b * n
+        total = stats["tokens_recomputed"] + stats["tokens_reused"]
+        stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
+
+    def finish_full(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_out, _ = io.split_output(out)
+        h_in = plan["h_in"]
+        if h_out.shape != h_in.shape:
+            st.pop("cache", None)
+            return out
+        residual = h_out - h_in
+        old = st.get("cache")
+        if old is not None and old["residual"].shape == residual.shape:
+            change, hits = _rel_change(residual, old["residual"]), old["hits"]
+        else:
+            change = residual.new_zeros(residual.shape[:2], dtype=torch.float32)
+            hits = torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)
+        st["cache"] = {
+            "residual": residual,
+            "change": change,
+            "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
+            "hits": hits,
+        }
+        return out
+
+    def finish_partial(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_small, encoder = io.split_output(out)
+        cache = st["cache"]
+        h_in, idx = plan["h_in"], plan["idx"]
+        idx_d = idx.unsqueeze(-1).expand(-1, -1, h_in.shape[-1])
+        res = cache["residual"]
+        new_res = h_small - h_in.gather(1, idx_d)
+        change = _rel_change(new_res, res.gather(1, idx_d))
+        full = h_in + res  # reused tokens: current input + cached residual
+        full.scatter_(1, idx_d, h_small.to(full.dtype))
+        res.scatter_(1, idx_d, new_res.to(res.dtype))
+        cache["change"].scatter_(1, idx, change)
+        age = cache["age"] + 1
+        age.scatter_(1, idx, 0)
+        cache["age"] = age
+        cache["hits"].scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
+        return io.make_output(full, encoder)
+
+    def block_wrapper(i: int, io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        st = ctx.state(key)
+        plan = st.get("plan")
+        if plan is None or (i > 0 and not plan["started"]):
+            return inner(*args, **kwargs)  # a block called outside a model forward: untouched
+        if i == 0:
+            start(st, plan, io, args, kwargs)
+        if plan["partial"]:
+            args, kwargs = reduce_args(plan, i == 0, io, args, kwargs)
+        out = inner(*args, **kwargs)
+        if i == n_blocks - 1:
+            out = finish_partial(st, plan, io, out) if plan["partial"] else finish_full(st, plan, io, out)
+            plan["started"] = False
+        return out
+
+    for i, (_, block, io) in enumerate(blocks):
+        fn = lambda inner, *a, _i=i, _io=io, **k: block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
+        handle.on_remove(wrap_forward(block, fn).remove)
+    handle.on_remove(wrap_forward(base, model_wrapper).remove)
+    return handle
