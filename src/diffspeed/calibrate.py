@@ -1,0 +1,733 @@
+"""Offline calibration for ``erta_cache`` (ERTACache): ``diffspeed calibrate erta ...``.
+
+:func:`calibrate_erta` runs the full model on a few calibration samples (seed, label) and writes
+what :class:`~diffspeed.methods.erta_cache.ErtaCacheConfig` needs into a small JSON-able dict:
+
+1. **Residual profiling** (one full trajectory per sample, flow-matching Euler exactly as
+   :func:`diffspeed.sampler.sample` with batched CFG). Forward hooks on the adapter's first and
+   last block record the transformer residual ``r_k`` (last block's output hidden states minus
+   the first block's input hidden states). ``rel_l1_change[k]`` is the relative L1 change
+   ``|r_k - r_{k-1}|_1 / |r_{k-1}|_1``, computed per CFG branch and per sample, then averaged.
+2. **Static schedule** (:func:`build_schedule`): steps ``< warmup_steps`` and the last
+   ``final_steps`` are computed; otherwise step ``k`` is reused while the accumulated change since
+   the last computed step (``acc + rel_l1_change[k]``) stays below ``threshold`` and fewer than
+   ``max_consecutive`` steps in a row were reused; a computed step resets the accumulator.
+3. **Sequential fit on the cached trajectory** (trajectory-aware: the states the cached sampler
+   really visits, not the full trajectory's). Walking the schedule with every sample in lockstep:
+
+   * computed step: one full forward, Euler update; its residual becomes ``r_m`` (the previous one ``r_m'``);
+   * reused step ``k``: a full forward *at the cached state* gives the true residual ``r_k``;
+     **(b) residual linearization**: ``(a_k, b_k) = argmin sum |a r_m + b (r_m - r_m') - r_k|^2
+     + ridge * (G_aa (a-1)^2 + G_bb b^2)``, the 2x2 normal equations solved in closed form (the
+     small ridge pulls toward plain reuse ``(1, 0)`` when ``r_m - r_m'`` is tiny); then the reused
+     step is evaluated exactly as the method will (blocks skipped, corrected residual injected at
+     block 0) giving ``v_hat``; **(a) timestep adjustment**: ``dt_scale[k] = <dt v_hat, x*_{k+1} - x_k> /
+     |dt v_hat|^2`` (least squares over all samples): the scale of the Euler interval that brings the
+     cached state ``x_k`` closest to the *full* trajectory's next state ``x*_{k+1}``, clamped to
+     ``dt_scale_bounds``; the cached state then advances with it.
+4. **Validation** (``validate=True``): the method is run on the calibration samples with the fitted
+   corrections, with plain reuse, and (only if needed) with each correction alone; a correction
+   is kept only if it lowers the final-latent MSE against the full model on those samples (otherwise
+   it is reset to identity: ``dt_scale`` 1, coefficients ``(1, 0)``). ``stats["validation"]`` records
+   the errors and what was kept.
+
+How this differs from the paper: ERTACache profiles the reuse error of candidate cache policies and
+adjusts timesteps with a per-step coefficient and models the cache error with a closed-form linear
+model; here the schedule comes from the full trajectory's step-to-step residual change (TeaCache-like
+accumulation on *measured* values), the linearization is two scalars per reused step shared by all
+channels / tokens / CFG branches, ``m'`` is the previous *computed* step, encoder-state residuals are
+reused plainly, and the validation / fallback step is ours. The calibration is for one model (class +
+config hash), one step count, one guidance scale and sigma shift (recorded; only model and step count
+are enforced at apply time); ``dt_scale`` assumes an Euler-type update ``x += dt * v``.
+
+File format (JSON, never pickle; written atomically)::
+
+    {"format": "diffspeed-erta/1",
+     "model": {"class": ..., "config_hash": ..., "name": ...},
+     "num_steps": N, "guidance_scale": g, "shift": s, "timesteps": [...],
+     "schedule": [bool] * N, "dt_scale": [float] * N, "residual_coeffs": [[a, b] | null] * N,
+     "calibration": {"seeds": [...], "labels": [...], "threshold": ..., ...},
+     "stats": {"rel_l1_change": [...], "reused_steps": ..., "validation": {...}, ...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import typer
+from torch import nn
+
+from .errors import DiffspeedError
+
+FORMAT = "diffspeed-erta/1"
+_IN_MEMORY = "<in-memory calibration>"
+
+
+# ---- model identity ---------------------------------------------------------------------------------
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def model_config_hash(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's diffusers config as sorted JSON, without ``_``-prefixed keys
+    (``_diffusers_version``, ``_name_or_path``, ...: they do not change the network)."""
+    config = getattr(_base(model), "config", None)
+    items = {str(k): v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
+    text = json.dumps(items, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_identity(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    return {"class": type(_base(model)).__name__, "config_hash": model_config_hash(model), "name": name}
+
+
+def _recalibrate_hint(data: dict[str, Any] | None, out: str) -> str:
+    model = "<model>"
+    steps = "<N>"
+    if isinstance(data, dict):
+        name = (data.get("model") or {}).get("name") if isinstance(data.get("model"), dict) else None
+        model = name or model
+        steps = data.get("num_steps", steps)
+    return f"`diffspeed calibrate erta --model {model} --steps {steps} --out {out}`"
+
+
+def check_model_identity(data: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse a calibration made for another model class or config."""
+    want = data["model"]
+    have = model_identity(model)
+    if want.get("class") != have["class"] or want.get("config_hash") != have["config_hash"]:
+        made = f"{want.get('class')}/{want.get('config_hash')}"
+        if want.get("name"):
+            made += f" ({want['name']})"
+        raise DiffspeedError(
+            f"calibration file {source} was made for {made}, this model is {have['class']}/{have['config_hash']}; "
+            f"run `diffspeed calibrate erta --model <this model's name or path> --steps {data.get('num_steps')} "
+            f"--out <new.json>` and use that file"
+        )
+
+
+# ---- schedule ---------------------------------------------------------------------------------------
+def build_schedule(
+    changes: Sequence[float | None],
+    *,
+    threshold: float,
+    max_consecutive: int = 3,
+    warmup_steps: int = 2,
+    final_steps: int = 1,
+) -> list[bool]:
+    """Static reuse schedule from per-step residual changes (``changes[0]`` is unused: step 0 is computed)."""
+    n = len(changes)
+    schedule = [False] * n
+    acc, consecutive = 0.0, 0
+    for k in range(n):
+        delta = changes[k]
+        in_window = k >= max(1, warmup_steps) and k < n - final_steps
+        if in_window and delta is not None and consecutive < max_consecutive and acc + delta < threshold:
+            schedule[k] = True
+            acc += delta
+            consecutive += 1
+        else:
+            acc, consecutive = 0.0, 0
+    return schedule
+
+
+# ---- file I/O ---------------------------------------------------------------------------------------
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_calibration(data: Any, source: str = _IN_MEMORY) -> dict[str, Any]:
+    """Check the structure of a calibration dict; raises :class:`DiffspeedError` naming the fix."""
+
+    def bad(problem: str) -> DiffspeedError:
+        return DiffspeedError(
+            f"calibration file {source} is invalid ({problem}); recreate it with "
+            f"{_recalibrate_hint(data if isinstance(data, dict) else None, source)}"
+        )
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise DiffspeedError(
+            f"calibration file {source} has format {fmt!r}, this diffspeed reads {FORMAT!r}; recreate it with "
+            f"{_recalibrate_hint(data, source)}"
+        )
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not isinstance(model.get("config_hash"), str):
+        raise bad("'model' must hold 'class' and 'config_hash' strings")
+    n = data.get("num_steps")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise bad(f"'num_steps' must be a positive integer, got {n!r}")
+    schedule = data.get("schedule")
+    if not isinstance(schedule, list) or len(schedule) != n or not all(isinstance(s, bool) for s in schedule):
+        raise bad(f"'schedule' must be a list of {n} booleans")
+    if schedule[0]:
+        raise bad("step 0 cannot be reused: there is nothing cached yet")
+    dt_scale = data.get("dt_scale")
+    if not isinstance(dt_scale, list) or len(dt_scale) != n or not all(_finite(s) and s > 0 for s in dt_scale):
+        raise bad(f"'dt_scale' must be a list of {n} finite positive numbers")
+    coeffs = data.get("residual_coeffs")
+    if not isinstance(coeffs, list) or len(coeffs) != n:
+        raise bad(f"'residual_coeffs' must be a list of {n} entries")
+    for k, c in enumerate(coeffs):
+        if c is None:
+            continue
+        if not isinstance(c, list) or len(c) != 2 or not all(_finite(v) for v in c):
+            raise bad(f"residual_coeffs[{k}] must be null or [a, b] with finite numbers, got {c!r}")
+    if not _finite(data.get("guidance_scale", 0.0)):
+        raise bad("'guidance_scale' must be a number")
+    return data
+
+
+def save_calibration(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``data`` as JSON atomically (temp file in the same directory, fsync, rename)."""
+    validate_calibration(data, str(path))
+    path = Path(path)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiffspeedError(f"cannot write calibration file {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a calibration JSON; every problem raises :class:`DiffspeedError` naming the fix."""
+    source = os.fspath(path)
+    p = Path(source).expanduser()
+    hint = f"`diffspeed calibrate erta --model <model> --steps <N> --out {source}`"
+    if not p.exists():
+        raise DiffspeedError(f"calibration file {source} does not exist; create it with {hint}")
+    if p.is_dir():
+        raise DiffspeedError(f"calibration path {source} is a directory; give the JSON file written by {hint}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DiffspeedError(f"cannot read calibration file {source} ({exc}); recreate it with {hint}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DiffspeedError(
+            f"calibration file {source} is not valid JSON ({exc.msg} at line {exc.lineno}; corrupted?); "
+            f"recreate it with {hint}"
+        ) from None
+    return validate_calibration(data, source)
+
+
+# ---- calibration ------------------------------------------------------------------------------------
+class _Sample:
+    """One calibration sample: its condition, initial noise and a forward that records the residual."""
+
+    def __init__(self, run: "_Runner", seed: int, label: int) -> None:
+        from .sampler import _cat_kwargs, initial_noise
+
+        self.seed, self.label = seed, label
+        loaded = run.loaded
+        cond = loaded.make_condition([label], run.device)
+        self.condition = cond
+        if run.use_cfg:
+            if cond.uncond is None:
+                raise DiffspeedError("guidance scale > 1 needs an unconditional condition; use --guidance 1")
+            self.kwargs = _cat_kwargs(cond.uncond, cond.cond)
+        else:
+            self.kwargs = cond.cond
+        self.x0 = initial_noise([seed], loaded.latent_shape, run.device, torch.float32)
+
+
+class _Runner:
+    def __init__(self, loaded: Any, guidance_scale: float, num_steps: int, shift: float) -> None:
+        from .context import get_context
+        from .sampler import flow_sigmas
+
+        self.loaded = loaded
+        self.model = loaded.transformer
+        self.adapter = loaded.adapter
+        self.g = float(guidance_scale)
+        self.use_cfg = self.g > 1.0
+        params = list(self.model.parameters())
+        self.device = params[0].device
+        self.dtype = next((p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32), torch.float32)
+        self.sigmas = flow_sigmas(num_steps, shift)
+        self.timesteps = [float(s) * 1000.0 for s in self.sigmas[:-1]]
+        self.ctx = get_context(self.model)
+        self.blocks = self.adapter.blocks(self.model)
+        self.cap: dict[str, Any] = {"on": False}
+        first_io, last_io = self.blocks[0][2], self.blocks[-1][2]
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.cap["on"]:
+                self.cap["in"] = first_io.get_states(args, kwargs)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if self.cap["on"]:
+                self.cap["out"] = last_io.split_output(out)
+
+        self.hooks = [
+            self.blocks[0][1].register_forward_pre_hook(pre, with_kwargs=True),
+            self.blocks[-1][1].register_forward_hook(post, with_kwargs=True),
+        ]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.ctx.explicit = False
+
+    def dt(self, i: int) -> float:
+        return float(self.sigmas[i + 1]) - float(self.sigmas[i])
+
+    def velocity(
+        self, s: _Sample, x: torch.Tensor, i: int, inject: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """The guided velocity at ``x``, step ``i`` (as the sampler computes it), and the residual (h, e)."""
+        from .methods.erta_cache import injected_residual
+
+        t = self.timesteps[i]
+        batch = x.shape[0]
+        t_vec = torch.full((batch,), t, device=self.device, dtype=torch.float32)
+        self.cap.update(on=inject is None, **{"in": None, "out": None})
+        with injected_residual(self.model, self.adapter, *inject) if inject is not None else contextlib.nullcontext():
+            if self.use_cfg:
+                self.ctx.set_step(i, t, "batched")
+                both = self.adapter.predict(self.model, torch.cat([x, x]).to(self.dtype), torch.cat([t_vec, t_vec]),
+                                            s.kwargs).float()
+                out_u, out_c = both.chunk(2)
+                v = out_u + self.g * (out_c - out_u)
+            else:
+                self.ctx.set_step(i, t, "cond")
+                v = self.adapter.predict(self.model, x.to(self.dtype), t_vec, s.kwargs).float()
+        self.cap["on"] = False
+        residual = None
+        if inject is None:
+            if self.cap.get("in") is None or self.cap.get("out") is None:
+                raise DiffspeedError("calibration could not observe the first/last transformer block of this model")
+            (h_in, e_in), (h_out, e_out) = self.cap["in"], self.cap["out"]
+            res_e = e_out - e_in if (e_in is not None and e_out is not None and e_out.shape == e_in.shape) else None
+            residual = (h_out - h_in, res_e)
+        return v, residual
+
+
+def _row_rel_l1(new: torch.Tensor, old: torch.Tensor) -> list[float]:
+    """Relative L1 change per batch row (one row per CFG branch of one sample)."""
+    a = new.detach().double().flatten(1)
+    b = old.detach().double().flatten(1)
+    num = (a - b).abs().mean(dim=1)
+    den = b.abs().mean(dim=1).clamp_min(1e-12)
+    return [float(v) for v in (num / den)]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() * b.detach().double()).sum())
+
+
+def _progress(enabled: bool):  # noqa: ANN202
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True))
+
+
+def _check_args(num_steps: int, seeds: Sequence[int], labels: Sequence[int], guidance_scale: float, threshold: float,
+                max_consecutive: int, warmup_steps: int, final_steps: int, shift: float,
+                dt_scale_bounds: tuple[float, float], ridge: float) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(num_steps) or num_steps <= 0:
+        raise DiffspeedError(f"--steps must be a positive integer, got {num_steps!r}")
+    if not seeds:
+        raise DiffspeedError("calibration needs at least one seed (--seeds N with N >= 1)")
+    if len(labels) != len(seeds):
+        raise DiffspeedError(f"got {len(labels)} labels for {len(seeds)} seeds; give one label per seed")
+    if not _finite(guidance_scale) or guidance_scale < 0:
+        raise DiffspeedError(f"--guidance must be >= 0, got {guidance_scale!r}")
+    if not _finite(threshold) or threshold <= 0:
+        raise DiffspeedError(f"--threshold must be > 0 (e.g. 0.15; higher = more reuse), got {threshold!r}")
+    if not is_int(max_consecutive) or max_consecutive < 1:
+        raise DiffspeedError(f"max_consecutive must be an integer >= 1, got {max_consecutive!r}")
+    if not is_int(warmup_steps) or warmup_steps < 1:
+        raise DiffspeedError(f"warmup_steps must be an integer >= 1 (step 0 has nothing to reuse), got {warmup_steps!r}")
+    if not is_int(final_steps) or final_steps < 0:
+        raise DiffspeedError(f"final_steps must be an integer >= 0, got {final_steps!r}")
+    if not _finite(shift) or shift <= 0:
+        raise DiffspeedError(f"shift must be > 0, got {shift!r}")
+    lo, hi = dt_scale_bounds
+    if not (_finite(lo) and _finite(hi) and 0 < lo <= 1.0 <= hi):
+        raise DiffspeedError(f"dt_scale_bounds must satisfy 0 < low <= 1 <= high, got {dt_scale_bounds!r}")
+    if not _finite(ridge) or ridge < 0:
+        raise DiffspeedError(f"ridge must be >= 0, got {ridge!r}")
+
+
+@torch.no_grad()
+def calibrate_erta(
+    loaded: Any,
+    *,
+    num_steps: int,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None = None,
+    guidance_scale: float = 4.0,
+    threshold: float = 0.15,
+    max_consecutive: int = 3,
+    warmup_steps: int = 2,
+    final_steps: int = 1,
+    shift: float = 1.0,
+    dt_scale_bounds: tuple[float, float] = (0.5, 1.5),
+    ridge: float = 1e-3,
+    validate: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Calibrate ERTACache for ``loaded`` (a :class:`~diffspeed.models.bundle.LoadedModel`); see the module doc.
+
+    ``labels`` default to ``i % num_classes`` (class-conditional models) or ``i``. Returns the JSON-able
+    dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
+    """
+    from .methods.base import Stage, applied_methods
+    from .methods.erta_cache import corrected_residual
+
+    t_start = time.perf_counter()
+    seeds = [int(s) for s in seeds]
+    if labels is None:
+        k = loaded.num_classes
+        labels = [i % k if k else i for i in range(len(seeds))]
+    labels = [int(x) for x in labels]
+    dt_scale_bounds = (float(dt_scale_bounds[0]), float(dt_scale_bounds[1]))
+    _check_args(num_steps, seeds, labels, guidance_scale, threshold, max_consecutive, warmup_steps, final_steps,
+                shift, dt_scale_bounds, ridge)
+    model = loaded.transformer
+    caches = [name for name, h in applied_methods(model).items() if h.config.stage in (Stage.BLOCK, Stage.STEP)]
+    if caches:
+        raise DiffspeedError(
+            f"calibration needs the model without caches, but {', '.join(caches)} is applied; remove() it first"
+        )
+
+    run = _Runner(loaded, guidance_scale, num_steps, shift)
+    samples = [_Sample(run, s, lab) for s, lab in zip(seeds, labels)]
+    n, n_s = num_steps, len(samples)
+    bar = _progress(progress)
+    if bar is not None:
+        bar.start()
+    try:
+        # 1. residual profiling on the full trajectories ----------------------------------------------
+        task = bar.add_task("profiling (full model)", total=n_s) if bar else None
+        change_rows: list[list[float]] = [[] for _ in range(n)]
+        full_traj: list[list[torch.Tensor]] = []
+        for s in samples:
+            run.ctx.begin(n, explicit=True)
+            x, prev, traj = s.x0, None, [s.x0]
+            for i in range(n):
+                v, (r_h, _) = run.velocity(s, x, i)
+                if prev is not None and prev.shape == r_h.shape:
+                    change_rows[i].extend(_row_rel_l1(r_h, prev))
+                prev = r_h
+                x = x + run.dt(i) * v
+                traj.append(x)
+            full_traj.append(traj)
+            if bar:
+                bar.advance(task)
+        changes: list[float | None] = [None] + [
+            (sum(rows) / len(rows) if rows else None) for rows in change_rows[1:]
+        ]
+        schedule = build_schedule(changes, threshold=threshold, max_consecutive=max_consecutive,
+                                  warmup_steps=warmup_steps, final_steps=final_steps)
+
+        # 2. sequential fit on the cached trajectory -------------------------------------------------
+        dt_scale = [1.0] * n
+        coeffs: list[list[float] | None] = [None] * n
+        dt_raw: list[float | None] = [None] * n
+        res_err_plain: list[float | None] = [None] * n
+        res_err_corr: list[float | None] = [None] * n
+        task = bar.add_task("fitting corrections", total=n * n_s) if bar else None
+        run.ctx.begin(n, explicit=True)
+        xs = [s.x0 for s in samples]
+        mem: list[dict[str, Any]] = [{"r_m": None, "r_prev": None} for _ in samples]
+        for i in range(n):
+            dt = run.dt(i)
+            if not schedule[i]:
+                for j, s in enumerate(samples):
+                    v, res = run.velocity(s, xs[j], i)
+                    mem[j]["r_prev"], mem[j]["r_m"] = mem[j]["r_m"], res
+                    xs[j] = xs[j] + dt * v
+                    if bar:
+                        bar.advance(task)
+                continue
+            # (b) residual linearization: normal equations over every sample and CFG branch
+            g = [[0.0, 0.0], [0.0, 0.0]]
+            y = [0.0, 0.0]
+            truths: list[torch.Tensor] = []
+            have_diff = all(m["r_prev"] is not None and m["r_prev"][0].shape == m["r_m"][0].shape for m in mem)
+            plain_num = norm = 0.0
+            for j, s in enumerate(samples):
+                _, (r_true, _) = run.velocity(s, xs[j], i)
+                truths.append(r_true)
+                r_m = mem[j]["r_m"][0]
+                g[0][0] += _dot(r_m, r_m)
+                y[0] += _dot(r_m, r_true)
+                if have_diff:
+                    d = r_m - mem[j]["r_prev"][0]
+                    g[0][1] += _dot(r_m, d)
+                    g[1][1] += _dot(d, d)
+                    y[1] += _dot(d, r_true)
+                plain_num += _dot(r_m - r_true, r_m - r_true)
+                norm += _dot(r_true, r_true)
+            a, b = _solve_linearization(g, y, ridge, have_diff)
+            coeffs[i] = [a, b]
+            # (a) timestep adjustment toward the full trajectory's next state
+            num = den = corr_num = 0.0
+            vels: list[torch.Tensor] = []
+            for j, s in enumerate(samples):
+                r_m, e_m = mem[j]["r_m"]
+                prev = mem[j]["r_prev"][0] if mem[j]["r_prev"] is not None else None
+                r_c = corrected_residual(r_m, prev, a, b)
+                corr_num += _dot(r_c - truths[j], r_c - truths[j])
+                v, _ = run.velocity(s, xs[j], i, inject=(r_c, e_m))
+                vels.append(v)
+                step = dt * v
+                num += _dot(step, full_traj[j][i + 1] - xs[j])
+                den += _dot(step, step)
+                if bar:
+                    bar.advance(task)
+            raw = num / den if den > 0 else 1.0
+            dt_raw[i] = raw
+            scale = min(max(raw, dt_scale_bounds[0]), dt_scale_bounds[1]) if math.isfinite(raw) else 1.0
+            dt_scale[i] = scale
+            res_err_plain[i] = math.sqrt(plain_num / max(norm, 1e-30))
+            res_err_corr[i] = math.sqrt(corr_num / max(norm, 1e-30))
+            for j in range(n_s):
+                xs[j] = xs[j] + (scale * dt) * vels[j]
+        run.close()  # hooks off before validation (idempotent; also in `finally`)
+
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "model": model_identity(model, getattr(loaded, "name", None)),
+            "num_steps": n,
+            "guidance_scale": float(guidance_scale),
+            "shift": float(shift),
+            "timesteps": list(run.timesteps),
+            "schedule": schedule,
+            "dt_scale": dt_scale,
+            "residual_coeffs": coeffs,
+            "calibration": {
+                "seeds": seeds,
+                "labels": labels,
+                "threshold": float(threshold),
+                "max_consecutive": max_consecutive,
+                "warmup_steps": warmup_steps,
+                "final_steps": final_steps,
+                "cfg_mode": "batched",
+                "dt_scale_bounds": list(dt_scale_bounds),
+                "ridge": float(ridge),
+                "device": str(run.device),
+                "dtype": str(run.dtype).replace("torch.", ""),
+            },
+            "stats": {
+                "rel_l1_change": changes,
+                "reused_steps": sum(schedule),
+                "computed_steps": n - sum(schedule),
+                "residual_rel_error_plain": res_err_plain,
+                "residual_rel_error_corrected": res_err_corr,
+                "dt_scale_unclamped": dt_raw,
+            },
+        }
+        # 4. validation: keep a correction only if it lowers the final error on these samples ----------
+        if validate and any(schedule):
+            data["stats"]["validation"] = _validate(loaded, data, samples, guidance_scale, shift, bar)
+        try:
+            from . import __version__ as version
+        except ImportError:  # pragma: no cover
+            version = "unknown"
+        data["calibration"]["diffspeed_version"] = version
+        data["stats"]["seconds"] = round(time.perf_counter() - t_start, 3)
+    finally:
+        run.close()
+        if bar is not None:
+            bar.stop()
+    return validate_calibration(data)
+
+
+def _solve_linearization(g: list[list[float]], y: list[float], ridge: float, have_diff: bool) -> tuple[float, float]:
+    """argmin |a r_m + b d - r|^2 + ridge (G_aa (a-1)^2 + G_bb b^2) in closed form (2x2 normal equations)."""
+    gaa, gab, gbb = g[0][0], g[0][1], g[1][1]
+    if gaa <= 0:
+        return 1.0, 0.0
+    la = ridge * gaa
+    if not have_diff or gbb <= 1e-12 * gaa:
+        return (y[0] + la) / (gaa + la), 0.0
+    lb = ridge * gbb
+    m00, m01, m11 = gaa + la, gab, gbb + lb
+    r0, r1 = y[0] + la, y[1]
+    det = m00 * m11 - m01 * m01
+    if not det > 1e-12 * m00 * m11:
+        return (y[0] + la) / (gaa + la), 0.0
+    a = (r0 * m11 - m01 * r1) / det
+    b = (m00 * r1 - m01 * r0) / det
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return 1.0, 0.0
+    return a, b
+
+
+def _validate(loaded: Any, data: dict[str, Any], samples: list[_Sample], guidance_scale: float, shift: float,
+              bar: Any) -> dict[str, Any]:
+    from .methods.erta_cache import ErtaCacheConfig, apply_with_data
+    from .sampler import sample
+
+    model, adapter = loaded.transformer, loaded.adapter
+    n = int(data["num_steps"])
+    task = bar.add_task("validating", total=3 * len(samples)) if bar else None
+
+    def final(flags: tuple[bool, bool] | None) -> list[torch.Tensor]:
+        handle = None
+        if flags is not None:
+            cfg = ErtaCacheConfig(calibration=_IN_MEMORY, use_timestep_adjust=flags[0], use_residual_correction=flags[1])
+            handle = apply_with_data(model, cfg, adapter, data)
+        try:
+            outs = []
+            for s in samples:
+                outs.append(sample(model, s.condition, seeds=[s.seed], latent_shape=loaded.latent_shape,
+                                   num_steps=n, guidance_scale=guidance_scale, shift=shift, adapter=adapter,
+                                   check_finite=False))
+                if bar:
+                    bar.advance(task)
+            return outs
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def mse(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        vals = [float(((o.double() - r.double()) ** 2).mean()) for o, r in zip(outs, ref)]
+        total = sum(vals) / len(vals)
+        return total if math.isfinite(total) else math.inf
+
+    full = final(None)
+    errors = {"plain": mse(final((False, False)), full), "both": mse(final((True, True)), full)}
+    if not errors["both"] <= errors["plain"]:
+        if bar:
+            bar.update(task, total=5 * len(samples))
+        errors["dt_only"] = mse(final((True, False)), full)
+        errors["residual_only"] = mse(final((False, True)), full)
+    kept = min(errors, key=lambda k: (errors[k], ["both", "residual_only", "dt_only", "plain"].index(k)))
+    if kept in ("plain", "residual_only"):
+        data["dt_scale"] = [1.0] * n
+    if kept in ("plain", "dt_only"):
+        data["residual_coeffs"] = [[1.0, 0.0] if c is not None else None for c in data["residual_coeffs"]]
+    return {"metric": "mse of final latents vs the full model, mean over calibration samples",
+            "mse": errors, "kept": kept}
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+app = typer.Typer(name="calibrate", help="Offline calibration for methods that need it (erta_cache).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@app.callback()
+def _calibrate() -> None:
+    """Offline calibration for methods that need it (erta_cache)."""
+
+
+def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if dtype not in DTYPES:
+        raise DiffspeedError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffspeedError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda") and device != "mps":
+        raise DiffspeedError(f"--device must be cpu, cuda[:N] or mps, got {device!r}")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def _default_out(model: str, steps: int) -> Path:
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model).strip("-.") or "model"
+    return Path(f"erta-{stem}-{steps}steps.json")
+
+
+@app.command()
+def erta(
+    model: str = typer.Option("reference-image", help="model name (see `diffspeed models`), local diffusers dir or hub id"),
+    steps: int = typer.Option(25, help="denoising steps of the generations this calibration is for"),
+    seeds: int = typer.Option(4, "--seeds", help="number of calibration samples (seeds --seed .. --seed+N-1)"),
+    seed: int = typer.Option(0, help="first calibration seed"),
+    guidance: float = typer.Option(4.0, help="classifier-free guidance scale of those generations"),
+    threshold: float = typer.Option(0.15, help="accumulated residual change below which a step is reused (higher = faster)"),
+    max_consecutive: int = typer.Option(3, help="at most this many reused steps in a row"),
+    warmup: int = typer.Option(2, help="first steps always computed"),
+    final: int = typer.Option(1, help="last steps always computed"),
+    shift: float = typer.Option(1.0, help="sigma shift of the flow-matching schedule"),
+    out: Optional[Path] = typer.Option(None, help="output JSON (default: erta-<model>-<steps>steps.json)"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="keep corrections only if they help on the calibration samples"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+) -> None:
+    """Calibrate erta_cache (ERTACache) for one model and step count; write the JSON its `calibration` option reads."""
+    try:
+        _erta(model=model, steps=steps, n_seeds=seeds, seed=seed, guidance=guidance, threshold=threshold,
+              max_consecutive=max_consecutive, warmup=warmup, final=final, shift=shift, out=out, validate=validate,
+              device=device, dtype=dtype)
+    except DiffspeedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, threshold: float, max_consecutive: int,
+          warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if steps <= 0:
+        raise DiffspeedError(f"--steps must be a positive integer, got {steps}")
+    if n_seeds <= 0:
+        raise DiffspeedError(f"--seeds must be a positive integer (number of calibration samples), got {n_seeds}")
+    out = out if out is not None else _default_out(model, steps)
+    if out.suffix.lower() != ".json":
+        raise DiffspeedError(f"--out must end with .json, got {out}")
+    if out.exists() and out.is_dir():
+        raise DiffspeedError(f"--out {out} is a directory; give a .json file path")
+    dev, dt = _device_dtype(device, dtype)
+    from .models.loading import load_model
+
+    loaded = load_model(model, device=dev, dtype=dt)
+    seed_list = [seed + i for i in range(n_seeds)]
+    data = calibrate_erta(loaded, num_steps=steps, seeds=seed_list, guidance_scale=guidance, threshold=threshold,
+                          max_consecutive=max_consecutive, warmup_steps=warmup, final_steps=final, shift=shift,
+                          validate=validate, progress=True)
+    save_calibration(data, out)
+    reused = [k for k, s in enumerate(data["schedule"]) if s]
+    val = data["stats"].get("validation")
+    typer.echo(f"wrote {out}: {len(reused)}/{steps} steps reused {reused}, in {data['stats']['seconds']:.1f} s")
+    if not reused:
+        changes = [c for c in data["stats"]["rel_l1_change"] if c is not None]
+        if changes:
+            typer.echo(f"no step is reused: the per-step residual changes are {min(changes):.3g}..{max(changes):.3g}, "
+                       f"so --threshold {threshold} never accumulates; raise --threshold (or lower --warmup/--final)")
+    if val:
+        typer.echo(f"calibration-sample MSE vs full: plain reuse {val['mse']['plain']:.3g}, "
+                   f"kept '{val['kept']}' {val['mse'][val['kept']]:.3g}")
+    typer.echo(f"use it with the recipe entry {{\"method\": \"erta_cache\", \"calibration\": \"{out}\"}}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""erta_cache (ERTACache) and its offline calibration (diffspeed.calibrate)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import diffspeed
+from diffspeed.calibrate import (
+    FORMAT,
+    app,
+    build_schedule,
+    calibrate_erta,
+    load_calibration,
+    model_config_hash,
+    save_calibration,
+)
+from diffspeed.errors import DiffspeedError, IncompatibleMethodsError
+from diffspeed.methods import BlockCacheConfig, ErtaCacheConfig, StepCacheConfig
+from diffspeed.methods.erta_cache import scale_model_output
+from diffspeed.models.loading import load_model
+from diffspeed.recipe import Recipe
+from diffspeed.sampler import generate, sample
+
+from method_tester import MethodTests
+
+STEPS, GUIDANCE, SEEDS, LABELS = 8, 3.0, [0, 1], [0, 1]  # what MethodTests generates with
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    """One calibration of tiny-dit on MethodTests' own seeds/labels; a high threshold so that it reuses."""
+    loaded = load_model("tiny-dit")
+    data = calibrate_erta(loaded, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
+                          threshold=50.0, max_consecutive=3, warmup_steps=2, final_steps=1)
+    path = tmp_path_factory.mktemp("erta") / "tiny-dit-8.json"
+    save_calibration(data, path)
+    return path, data
+
+
+@pytest.fixture
+def calib_path(calibration):
+    return calibration[0]
+
+
+@pytest.fixture
+def calib_data(calibration):
+    return copy.deepcopy(calibration[1])
+
+
+def _write(tmp_path, data, name="c.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+class TestErtaCacheDiT(MethodTests):
+    changed_stat = "skipped_blocks"
+    steps = STEPS
+    guidance = GUIDANCE
+
+    @pytest.fixture(autouse=True)
+    def _calibration(self, calib_path):
+        self.calibration_path = str(calib_path)
+
+    def make_config(self):
+        return ErtaCacheConfig(calibration=self.calibration_path)
+
+    def test_state_resets_between_generations(self, loaded):
+        # the shared version also generates with steps + 3, which erta_cache must refuse: its schedule and
+        # coefficients are per calibrated step; the refusal must leave the method usable
+        with diffspeed.apply(loaded.transformer, self.make_config()):
+            first = self.run(loaded)
+            assert torch.equal(first, self.run(loaded)), "state leaked from one generation into the next"
+            with pytest.raises(DiffspeedError, match=f"made for {self.steps} steps.*{self.steps + 3} steps"):
+                self.run(loaded, steps=self.steps + 3)
+            assert torch.equal(self.run(loaded), first)
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+def test_calibration_contents(calibration, tiny_dit):
+    path, data = calibration
+    assert data["format"] == FORMAT
+    assert data["model"] == {"class": "DiTTransformer2DModel", "config_hash": model_config_hash(tiny_dit.transformer),
+                             "name": "tiny-dit"}
+    assert data["num_steps"] == STEPS and data["guidance_scale"] == GUIDANCE
+    schedule = data["schedule"]
+    # warm-up 2, final 1, cap 3 with a threshold that never binds: 0,1 computed; 2,3,4 reused; 5; 6; 7 computed
+    assert schedule == [False, False, True, True, True, False, True, False]
+    assert schedule == build_schedule(data["stats"]["rel_l1_change"], threshold=50.0, max_consecutive=3,
+                                      warmup_steps=2, final_steps=1)
+    for k, reused in enumerate(schedule):
+        if reused:
+            assert len(data["residual_coeffs"][k]) == 2 and 0.5 <= data["dt_scale"][k] <= 1.5
+        else:
+            assert data["residual_coeffs"][k] is None and data["dt_scale"][k] == 1.0
+    assert data["calibration"]["seeds"] == SEEDS and data["calibration"]["labels"] == LABELS
+    assert data["calibration"]["threshold"] == 50.0
+    # the closed-form fit can only lower the residual error on the calibration data (plain reuse is a candidate)
+    stats = data["stats"]
+    for k in range(STEPS):
+        if schedule[k]:
+            assert stats["residual_rel_error_corrected"][k] <= stats["residual_rel_error_plain"][k] + 1e-12
+
+
+def test_build_schedule_rules():
+    # threshold accumulates over reused steps; a computed step resets it
+    changes = [None, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+    assert build_schedule(changes, threshold=0.12, max_consecutive=5, warmup_steps=1, final_steps=0) == [
+        False, True, True, False, True, True, False, True]
+    assert build_schedule(changes, threshold=1e-9, warmup_steps=1, final_steps=0) == [False] * 8
+    assert build_schedule(changes, threshold=1e9, max_consecutive=1, warmup_steps=3, final_steps=2) == [
+        False, False, False, True, False, True, False, False]
+
+
+def test_calibration_json_round_trip(calibration, tmp_path):
+    path, data = calibration
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    loaded = load_calibration(path)
+    assert loaded == json.loads(json.dumps(data))  # JSON-able, nothing lost
+    again = tmp_path / "sub" / "again.json"
+    save_calibration(loaded, again)
+    assert load_calibration(again) == loaded
+    assert [p.name for p in again.parent.iterdir()] == ["again.json"]  # atomic write left no temp file
+    save_calibration(loaded, again)  # overwrite works
+    assert load_calibration(again) == loaded
+
+
+def test_calibration_refuses_with_cache_applied(tiny_dit):
+    with diffspeed.apply(tiny_dit.transformer, StepCacheConfig()):
+        with pytest.raises(DiffspeedError, match="step_cache is applied"):
+            calibrate_erta(tiny_dit, num_steps=4, seeds=[0])
+    with pytest.raises(DiffspeedError, match="threshold must be > 0"):
+        calibrate_erta(tiny_dit, num_steps=4, seeds=[0], threshold=0)
+    with pytest.raises(DiffspeedError, match="at least one seed"):
+        calibrate_erta(tiny_dit, num_steps=4, seeds=[])
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+def test_refuses_other_model_class(calib_path):
+    other = load_model("tiny-pixart")
+    with pytest.raises(DiffspeedError, match=r"made for DiTTransformer2DModel/\w+ \(tiny-dit\), this model is "
+                                             r"PixArtTransformer2DModel/.*diffspeed calibrate erta --model"):
+        diffspeed.apply(other.transformer, ErtaCacheConfig(calibration=str(calib_path)))
+    assert not diffspeed.methods.applied_methods(other.transformer)
+
+
+def test_refuses_other_config(calib_path):
+    from diffspeed.models.zoo import ZOO, construct
+
+    spec = ZOO["tiny-dit"]
+    model = construct(spec.class_name, dict(spec.config, num_layers=3))  # same class, another config
+    with pytest.raises(DiffspeedError, match=f"this model is DiTTransformer2DModel/{model_config_hash(model)}"):
+        diffspeed.apply(model, ErtaCacheConfig(calibration=str(calib_path)))
+
+
+def test_refuses_other_step_count(tiny_dit, calib_path):
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(calib_path))):
+        with pytest.raises(DiffspeedError, match=r"made for 8 steps, but this generation has 6 steps.*--steps 6"):
+            generate(tiny_dit, [0], [0], num_steps=6, guidance_scale=GUIDANCE)
+        out = generate(tiny_dit, [0], [0], num_steps=8, guidance_scale=GUIDANCE)  # still usable
+        assert torch.isfinite(out).all()
+
+
+def test_refuses_unknown_step_count(tiny_dit, calib_path):
+    model = tiny_dit.transformer
+    with diffspeed.apply(model, ErtaCacheConfig(calibration=str(calib_path))):
+        x = torch.randn(1, 4, 8, 8)
+        with pytest.raises(DiffspeedError, match="step count.*diffspeed.generation"):
+            model(x, timestep=torch.tensor([1000.0]), class_labels=torch.tensor([0]))  # auto mode, no num_steps
+        with diffspeed.generation(model, num_steps=STEPS):  # the documented fix
+            out = model(x, timestep=torch.tensor([1000.0]), class_labels=torch.tensor([0]), return_dict=False)[0]
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="diffspeed-erta/0"), "has format 'diffspeed-erta/0'.*reads 'diffspeed-erta/1'"),
+        (lambda d: d.pop("format"), "has format None"),
+        (lambda d: d["schedule"].pop(), "'schedule' must be a list of 8 booleans"),
+        (lambda d: d["dt_scale"].__setitem__(2, -1.0), "'dt_scale' must be a list of 8 finite positive"),
+        (lambda d: d["residual_coeffs"].__setitem__(2, [1.0]), r"residual_coeffs\[2\]"),
+        (lambda d: d["schedule"].__setitem__(0, True), "step 0 cannot be reused"),
+        (lambda d: d.update(model="x"), "'model' must hold"),
+    ],
+)
+def test_refuses_invalid_files(tiny_dit, calib_data, tmp_path, mutate, message):
+    mutate(calib_data)
+    path = _write(tmp_path, calib_data)
+    with pytest.raises(DiffspeedError, match=message) as exc:
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=path))
+    assert "calibrate erta" in str(exc.value) and path in str(exc.value)
+    assert not diffspeed.methods.applied_methods(tiny_dit.transformer)
+
+
+def test_refuses_missing_and_corrupted_files(tiny_dit, calib_path, tmp_path):
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(DiffspeedError, match="nope.json does not exist; create it with `diffspeed calibrate erta"):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=missing))
+    corrupted = tmp_path / "corrupted.json"
+    corrupted.write_text(calib_path.read_text()[:200])  # truncated
+    with pytest.raises(DiffspeedError, match="is not valid JSON.*corrupted.*calibrate erta"):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(corrupted)))
+    corrupted.write_bytes(b"\x80\x81\x00garbage")
+    with pytest.raises(DiffspeedError, match="calibrate erta"):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(corrupted)))
+    with pytest.raises(DiffspeedError, match="is a directory"):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(tmp_path)))
+
+
+def test_bad_config_values():
+    with pytest.raises(DiffspeedError, match="needs `calibration`"):
+        ErtaCacheConfig()
+    with pytest.raises(DiffspeedError, match="use_timestep_adjust must be true or false"):
+        ErtaCacheConfig(calibration="x.json", use_timestep_adjust="yes")
+
+
+def test_incompatible_with_other_step_caches(tiny_dit, calib_path):
+    cfg = ErtaCacheConfig(calibration=str(calib_path))
+    for other in (StepCacheConfig(), BlockCacheConfig()):
+        with pytest.raises(IncompatibleMethodsError, match="erta_cache"):
+            Recipe((cfg, other))
+        with diffspeed.apply(tiny_dit.transformer, other):
+            with pytest.raises(IncompatibleMethodsError, match=other.method):
+                diffspeed.apply(tiny_dit.transformer, cfg)
+
+
+# ---- behaviour -----------------------------------------------------------------------------------
+def test_schedule_is_the_calibrated_one(tiny_dit, calib_path, calib_data):
+    schedule = calib_data["schedule"]
+    n_reused = sum(schedule)
+    model = tiny_dit.transformer
+    ctx = diffspeed.get_context(model)
+    n_blocks = len(tiny_dit.adapter.blocks(model))
+    ran = []  # (step, branch) of every real execution of block 0 (its attention only runs when not skipped)
+    hook = tiny_dit.adapter.blocks(model)[0][1].attn1.register_forward_hook(
+        lambda *a: ran.append((ctx.step_index, ctx.branch)))
+    try:
+        with diffspeed.apply(model, ErtaCacheConfig(calibration=str(calib_path))) as h:
+            generate(tiny_dit, LABELS, SEEDS, num_steps=STEPS, guidance_scale=GUIDANCE)  # batched CFG
+            assert h.stats["skipped_steps"] == n_reused and h.stats["computed_steps"] == STEPS - n_reused
+            assert h.stats["skipped_blocks"] == n_reused * n_blocks
+            assert [s for s, _ in ran] == [k for k in range(STEPS) if not schedule[k]]
+            ran.clear()
+            generate(tiny_dit, LABELS, SEEDS, num_steps=STEPS, guidance_scale=GUIDANCE, cfg_mode="separate")
+            states = ctx.branch_states(h.state_key)
+            assert set(states) == {"cond", "uncond"}
+            for branch, st in states.items():  # one schedule, per-branch state
+                assert st["skipped"] == n_reused and st["computed"] == STEPS - n_reused
+                assert [s for s, b in ran if b == branch] == [k for k in range(STEPS) if not schedule[k]]
+            assert states["cond"]["r_m"][0] is not states["uncond"]["r_m"][0]
+            assert h.stats["skipped_steps"] == n_reused + 2 * n_reused  # the batched run + 2 branches
+    finally:
+        hook.remove()
+
+
+def _final_latents(loaded, config=None):
+    cond = loaded.make_condition(LABELS, torch.device("cpu"))
+    handle = diffspeed.apply(loaded.transformer, config) if config is not None else None
+    try:
+        return sample(loaded.transformer, cond, seeds=SEEDS, latent_shape=loaded.latent_shape, num_steps=STEPS,
+                      guidance_scale=GUIDANCE, adapter=loaded.adapter)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_corrections_reduce_error_on_calibration_seeds(tiny_dit, calib_path, calib_data):
+    """Robust by construction: calibration keeps a correction only if it lowers the final error on these
+    samples (else it resets it to identity and corrected == plain exactly)."""
+    full = _final_latents(tiny_dit)
+    plain = _final_latents(tiny_dit, ErtaCacheConfig(calibration=str(calib_path), use_timestep_adjust=False,
+                                                     use_residual_correction=False))
+    corrected = _final_latents(tiny_dit, ErtaCacheConfig(calibration=str(calib_path)))
+    err_plain = float(((plain - full) ** 2).mean())
+    err_corr = float(((corrected - full) ** 2).mean())
+    assert err_plain > 0
+    assert err_corr <= err_plain * (1 + 1e-6)
+    validation = calib_data["stats"]["validation"]
+    assert validation["mse"]["plain"] == pytest.approx(err_plain, rel=1e-4)  # same runs, per sample vs batched
+    if validation["kept"] == "both":  # what this tiny model calibrates to today; then the gain is real
+        assert err_corr < err_plain
+        assert corrected.shape == full.shape
+
+
+def test_each_override_changes_the_integration(tiny_dit, calib_path, calib_data):
+    if calib_data["stats"]["validation"]["kept"] != "both":
+        pytest.skip("calibration kept only part of the corrections for this model")
+    both = _final_latents(tiny_dit, ErtaCacheConfig(calibration=str(calib_path)))
+    no_dt = _final_latents(tiny_dit, ErtaCacheConfig(calibration=str(calib_path), use_timestep_adjust=False))
+    no_res = _final_latents(tiny_dit, ErtaCacheConfig(calibration=str(calib_path), use_residual_correction=False))
+    assert not torch.equal(both, no_dt) and not torch.equal(both, no_res)
+
+
+def test_identity_calibration_equals_plain_reuse(tiny_dit, calib_data, tmp_path):
+    """dt_scale 1 and coefficients (1, 0) are exactly plain reuse: the corrections are the only difference."""
+    calib_data["dt_scale"] = [1.0] * STEPS
+    calib_data["residual_coeffs"] = [[1.0, 0.0] if c is not None else None for c in calib_data["residual_coeffs"]]
+    path = _write(tmp_path, calib_data)
+    identity = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path))
+    plain = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path, use_timestep_adjust=False,
+                                                     use_residual_correction=False))
+    assert torch.equal(identity, plain)
+
+
+def test_output_scaling_handles_every_return_type(tiny_dit, calib_path, calib_data):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    model = tiny_dit.transformer  # learned sigma: 8 output channels, the first 4 are the prediction
+    out = torch.randn(2, 8, 8, 8)
+    scaled = scale_model_output(out, 2.0, model)
+    assert torch.equal(scaled[:, :4], out[:, :4] * 2.0) and torch.equal(scaled[:, 4:], out[:, 4:])
+    tup = scale_model_output((out,), 2.0, model)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], scaled)
+    obj = scale_model_output(Transformer2DModelOutput(sample=out.clone()), 2.0, model)
+    assert torch.equal(obj.sample, scaled) and torch.equal(obj["sample"], scaled) and torch.equal(obj[0], scaled)
+    with pytest.raises(DiffspeedError, match="cannot find the prediction"):
+        scale_model_output({"x": 1}, 2.0, model)
+
+    # through the method: a reused step gives the same output with return_dict True and False
+    k = calib_data["schedule"].index(True)
+    ctx = diffspeed.get_context(model)
+    x, labels = torch.randn(1, 4, 8, 8), torch.tensor([0])
+    with diffspeed.apply(model, ErtaCacheConfig(calibration=str(calib_path))) as h:
+        ctx.begin(STEPS, explicit=True)
+        try:
+            for i in range(k + 1):
+                ctx.set_step(i, 1000.0 * (1 - i / STEPS))
+                t = torch.tensor([1000.0 * (1 - i / STEPS)])
+                as_tuple = model(x, timestep=t, class_labels=labels, return_dict=False)[0]
+            as_obj = model(x, timestep=t, class_labels=labels, return_dict=True).sample
+        finally:
+            ctx.explicit = False
+        assert h.stats["skipped_steps"] == 2 and h.stats["dt_adjusted_steps"] == 2
+    assert torch.equal(as_tuple, as_obj)
+
+
+def test_no_host_sync_in_hot_path(tiny_dit, calib_path, monkeypatch):
+    """Decisions come from the static schedule: no .item()/bool() on tensors during sampling."""
+    calls = {"n": 0}
+    orig_item, orig_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def item(self):
+        calls["n"] += 1
+        return orig_item(self)
+
+    def as_bool(self):
+        calls["n"] += 1
+        return orig_bool(self)
+
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(calib_path))) as h:
+        generate(tiny_dit, [0], [0], num_steps=STEPS, guidance_scale=GUIDANCE, check_finite=False)  # warm-up
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        monkeypatch.setattr(torch.Tensor, "__bool__", as_bool)
+        generate(tiny_dit, [0], [0], num_steps=STEPS, guidance_scale=GUIDANCE, check_finite=False)
+        generate(tiny_dit, [0], [0], num_steps=STEPS, guidance_scale=GUIDANCE, check_finite=False, cfg_mode="separate")
+        monkeypatch.undo()
+    assert calls["n"] == 0
+    assert h.stats["skipped_steps"] > 0 and h.stats["corrected_steps"] > 0
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def test_cli_writes_a_valid_file(tmp_path, tiny_dit):
+    from typer.testing import CliRunner
+
+    out = tmp_path / "tmp.json"
+    result = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "8", "--seeds", "2",
+                                      "--guidance", "3", "--threshold", "50", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    data = load_calibration(out)
+    assert data["num_steps"] == 8 and data["calibration"]["seeds"] == [0, 1]
+    assert data["model"]["name"] == "tiny-dit" and sum(data["schedule"]) > 0
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(out))) as h:
+        generate(tiny_dit, [0], [0], num_steps=8, guidance_scale=3.0)
+    assert h.stats["skipped_steps"] == sum(data["schedule"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--seeds", "0"], "--seeds must be a positive integer"),
+        (["--threshold", "-1"], "--threshold must be > 0"),
+        (["--out", "x.txt"], "--out must end with .json"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_cli_bad_input(tmp_path, monkeypatch, args, message):
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "4", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.json"))
