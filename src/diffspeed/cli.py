@@ -230,8 +230,17 @@ def _mount_calibrate() -> None:
     app.add_typer(calibrate_app, name="calibrate", help="Offline calibration of cache schedules (e.g. ERTACache).")
 
 
+def _mount_gates() -> None:
+    try:
+        from .train.lazy_gates import app as gates_app
+    except ImportError:  # pragma: no cover
+        return
+    app.add_typer(gates_app, name="train-gates", help="Train LazyDiT skip gates against the full model.")
+
+
 _mount_train()
 _mount_calibrate()
+_mount_gates()
 
 
 def main() -> None:

@@ -36,3 +36,5 @@ __all__ = [
     "BlockCacheConfig",
 ]
 __all__ += ["ErtaCacheConfig"]
+from .lazy import LazyConfig  # noqa: E402,F401  (importing the module registers lazy)
+__all__ += ["LazyConfig"]

@@ -1,0 +1,150 @@
+"""Train ``reference-video``: a class-conditional Wan transformer on :mod:`diffspeed.data.clips`.
+
+The class enters through ``encoder_hidden_states``: a learned table of shape
+``(num_classes + 1, tokens, text_dim)`` (last row = null, used for 10 % label dropout), trained
+jointly with the transformer and shipped as ``class_embeddings.safetensors``. Same rectified-flow
+objective as :mod:`diffspeed.train.image`; the EMA weights are saved in fp16.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import clips
+from ..models.reference import (
+    CLASS_EMBEDDINGS_FILE,
+    CLASS_EMBEDDINGS_KEY,
+    VIDEO_EMBED_TOKENS,
+    build_video_model,
+)
+from .common import (
+    EMA,
+    MaybeCompiled,
+    TrainSettings,
+    autocast,
+    configure_backends,
+    count_params,
+    default_weights_dir,
+    device_name,
+    generator_for,
+    resolve_device,
+    save_loss_curve,
+    train_loop,
+    write_json,
+)
+from .image import LABEL_DROPOUT, drop_labels, flow_targets, save_transformer
+
+NAME = "reference-video"
+
+
+class ClassConditionedVideo(nn.Module):
+    """The Wan transformer plus its learned class-embedding table (trained together)."""
+
+    def __init__(self, transformer: nn.Module, num_classes: int, tokens: int, text_dim: int):
+        super().__init__()
+        self.transformer = transformer
+        self.class_embeddings = nn.Parameter(torch.randn(num_classes + 1, tokens, text_dim))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        states = self.class_embeddings[labels]
+        return self.transformer(x, timestep=timestep, encoder_hidden_states=states, return_dict=False)[0]
+
+
+def save_video_model(module: ClassConditionedVideo, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = module.class_embeddings.detach().to("cpu", torch.float16).contiguous()
+    save_transformer(module.transformer, folder)
+    save_file({CLASS_EMBEDDINGS_KEY: table}, str(folder / CLASS_EMBEDDINGS_FILE))
+
+
+def train_video(
+    *,
+    steps: int = 20000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    max_minutes: float | None = None,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    log_dir: str | os.PathLike | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    embed_tokens: int = VIDEO_EMBED_TOKENS,
+    warmup_steps: int | None = None,
+    ema_decay: float = 0.999,
+    compile: bool = False,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Train the reference video model and write it to ``<out>/reference-video``; returns a summary."""
+    from rich.console import Console
+
+    console = console or Console(soft_wrap=True)
+    dev = resolve_device(device)
+    configure_backends(dev)
+    torch.manual_seed(seed)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+                             device=str(dev), ema_decay=ema_decay,
+                             warmup_steps=warmup_steps if warmup_steps is not None else min(500, max(1, steps // 10)))
+    settings.validate()
+    transformer = build_video_model(**(model_overrides or {}))
+    rope = getattr(transformer, "rope", None)
+    for buf in ("freqs_cos", "freqs_sin"):  # float64 RoPE tables would promote q/k math to float64
+        if rope is not None and isinstance(getattr(rope, buf, None), torch.Tensor):
+            setattr(rope, buf, getattr(rope, buf).float())
+    module = ClassConditionedVideo(transformer, clips.NUM_CLASSES, embed_tokens,
+                                   int(transformer.config.text_dim)).to(dev)
+    null = clips.NUM_CLASSES
+    n_params = count_params(transformer)
+    console.print(f"[{NAME}] Wan {n_params / 1e6:.2f} M params (+ class table {tuple(module.class_embeddings.shape)}) "
+                  f"on {device_name(dev)}; batch {batch_size}, lr {lr}, steps {steps}, max {max_minutes} min",
+                  highlight=False, markup=False)
+    ema = EMA(module, ema_decay) if ema_decay else None
+    gen = generator_for(seed * 7919 + 2, dev)
+    forward = MaybeCompiled(module, compile, NAME, console)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x0, labels = clips.sample_batch(batch_size, clips.stream_seed(seed, step), dev)
+        labels = drop_labels(labels, null, LABEL_DROPOUT, gen)
+        x_t, timestep, target = flow_targets(x0, gen)
+        with autocast(dev):
+            pred = forward(x_t, timestep, labels)
+        return F.mse_loss(pred.float(), target)
+
+    result = train_loop(module, loss_fn, settings, dev, label=NAME, items_per_step=batch_size, ema=ema, console=console)
+
+    out_root = Path(out) if out is not None else default_weights_dir()
+    folder = out_root / NAME
+    final = ema.averaged_copy(module) if ema is not None else module
+    save_video_model(final, folder)
+    summary = {
+        "model": NAME,
+        "class": "WanTransformer3DModel",
+        "params": n_params,
+        "class_embeddings_shape": list(module.class_embeddings.shape),
+        "class_names": list(clips.CLASS_NAMES),
+        "data": "diffspeed.data.clips",
+        "objective": "rectified flow, v = eps - x0, logit-normal t, 10% label dropout (null row of the table)",
+        "settings": asdict(settings),
+        "train": result.summary(),
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "ema": bool(ema),
+        "compiled": bool(compile),
+        "weights_dir": str(folder),
+    }
+    write_json(folder / "training.json", summary)
+    if log_dir is not None:
+        logs = Path(log_dir)
+        save_loss_curve(result.history, logs / f"{NAME}-loss.png", f"{NAME} training loss")
+        write_json(logs / f"{NAME}-history.json", {"summary": summary, "history": result.history})
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    console.print(f"[{NAME}] wrote {folder} ({size:.1f} MiB)", highlight=False, markup=False)
+    return summary
