@@ -66,3 +66,13 @@ def test_help_for_each_command(monkeypatch, capsys):
     for cmd in ("generate", "bench", "demo", "methods"):
         code, out, _ = run_cli(monkeypatch, capsys, cmd, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_demo_writes_grid_and_table(monkeypatch, capsys, tmp_path):
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    code, out, err = run_cli(monkeypatch, capsys, "demo", "--steps", "6", "--num", "2", "--out", str(png), "--json", str(js))
+    assert code in (0, None), err
+    rows = json.loads(js.read_text())
+    assert png.exists() and [r["recipe"] for r in rows][0] == "full"
+    fast = rows[1]
+    assert fast["speedup"] > 0 and fast["psnr_db"] is not None and fast["stats"]["step_cache"]["skipped_steps"] > 0

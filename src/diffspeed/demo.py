@@ -77,7 +77,7 @@ def run_demo(out: Path, steps: int, num: int, json_path: Path | None, console: C
 
     common = dict(model=loaded.name, steps=steps, batch=num, device=str(full.device), dtype="float32",
                   guidance_scale=guidance)
-    skipped = {k: v for m in stats.values() for k, v in m.items() if k.startswith("skipped")}
+    skipped = {m: {k: v for k, v in vals.items() if k.startswith("skipped")} for m, vals in stats.items()}
     rows = [
         dict(common, recipe="full", recipe_json=Recipe().to_json(), latency_ms=t_full * 1e3, speedup=1.0,
              psnr_db=None, identical=True, ssim=1.0, judge_accuracy=_judge_accuracy(loaded, full, labels),
