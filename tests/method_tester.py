@@ -9,6 +9,10 @@ changes something when it should; cond/uncond as separate calls keep separate st
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -17,6 +21,35 @@ from diffspeed.errors import AlreadyAppliedError
 from diffspeed.methods.base import MethodConfig
 from diffspeed.recipe import Recipe
 from diffspeed.sampler import generate
+
+
+@contextlib.contextmanager
+def count_host_syncs(names: tuple[str, ...] = ("item", "__bool__")) -> Iterator[SimpleNamespace]:
+    """Count calls of the host-syncing ``torch.Tensor`` methods ``names`` (``.item()``, ``bool()``, ...)
+    made inside the block; yields a counter whose ``n`` is the count so far. Restores them on exit.
+
+    Warm up first (one generation outside the block): lazy imports may sync once.
+    """
+    counter = SimpleNamespace(n=0)
+    saved = {name: (name in vars(torch.Tensor), getattr(torch.Tensor, name)) for name in names}
+
+    def counting(original):
+        def fn(self, *args, **kwargs):
+            counter.n += 1
+            return original(self, *args, **kwargs)
+
+        return fn
+
+    try:
+        for name, (_, original) in saved.items():
+            setattr(torch.Tensor, name, counting(original))
+        yield counter
+    finally:
+        for name, (own, original) in saved.items():
+            if own:
+                setattr(torch.Tensor, name, original)
+            else:
+                delattr(torch.Tensor, name)
 
 
 class MethodTests:

@@ -6,7 +6,7 @@ from diffspeed.errors import DiffspeedError
 from diffspeed.methods import StepCacheConfig
 from diffspeed.sampler import generate
 
-from method_tester import MethodTests
+from method_tester import MethodTests, count_host_syncs
 
 
 class TestStepCacheDiT(MethodTests):
@@ -75,25 +75,23 @@ def test_separate_branches_have_separate_state(tiny_dit):
         assert states["cond"]["residual"][0] is not states["uncond"]["residual"][0]
 
 
-def test_no_host_sync_in_hot_path(tiny_dit, monkeypatch):
+def test_count_host_syncs_counts_and_restores():
+    before = (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist)
+    with count_host_syncs(("item", "__bool__", "tolist")) as syncs:
+        torch.tensor(1.0).item()
+        bool(torch.tensor(True))
+        torch.zeros(2).tolist()
+    assert syncs.n == 3
+    assert (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist) == before
+
+
+def test_no_host_sync_in_hot_path(tiny_dit):
     """The decision reads a lagged host copy: no .item()/bool() on model tensors during sampling."""
-    calls = {"n": 0}
-    orig_item, orig_bool = torch.Tensor.item, torch.Tensor.__bool__
-
-    def item(self):
-        calls["n"] += 1
-        return orig_item(self)
-
-    def as_bool(self):
-        calls["n"] += 1
-        return orig_bool(self)
-
     with diffspeed.apply(tiny_dit.transformer, StepCacheConfig(threshold=1e9)):
         generate(tiny_dit, [0], [0], num_steps=6, check_finite=False)  # warm-up of lazy imports
-        monkeypatch.setattr(torch.Tensor, "item", item)
-        monkeypatch.setattr(torch.Tensor, "__bool__", as_bool)
-        generate(tiny_dit, [0], [0], num_steps=6, check_finite=False)
-    assert calls["n"] == 0
+        with count_host_syncs() as syncs:
+            generate(tiny_dit, [0], [0], num_steps=6, check_finite=False)
+    assert syncs.n == 0
 
 
 def test_bad_config_values():

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGroup, BlockIO, ModelAdapter, register_adapter
-from .dit import cast_floats, input_dtype, model_device_dtype, override_latent_shape, positional_or_keyword, randn
+from .base import BlockGroup, BlockIO, register_adapter
+from .common import TextConditionedAdapter, forward
 
 COGVIDEOX_BLOCK_IO = BlockIO(
     hidden_arg="hidden_states", encoder_arg="encoder_hidden_states", encoder_pos=1, returns=("hidden", "encoder")
@@ -60,17 +60,14 @@ def rotary_embeddings(model: nn.Module, frames: int, height: int, width: int, de
 
 
 @register_adapter
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(TextConditionedAdapter):
     name = "cogvideox"
     input_layer = "patch_embed.proj"  # its weight dtype is the compute dtype
     model_classes = ("CogVideoXTransformer3DModel",)
+    timestep_pos = 2  # forward(hidden_states, encoder_hidden_states, timestep, ...)
 
     def block_groups(self, model: nn.Module) -> list[BlockGroup]:
         return [BlockGroup("transformer_blocks", model.transformer_blocks, COGVIDEOX_BLOCK_IO)]
-
-    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # forward(hidden_states, encoder_hidden_states, timestep, ...)
-        return positional_or_keyword(args, kwargs, "timestep", 2)
 
     def condition_shapes(self, model: nn.Module, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
         cfg = model.config
@@ -81,32 +78,15 @@ class CogVideoXAdapter(ModelAdapter):
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         b, _, f, h, w = latents.shape
         cfg = model.config
-        x = latents.to(input_dtype(model, self.input_layer, latents.dtype))
-        kwargs = cast_floats(cond, x)
+        x, kwargs = self.prepare(model, latents, cond)
         if cfg.use_rotary_positional_embeddings and kwargs.get("image_rotary_emb") is None:
             kwargs["image_rotary_emb"] = rotary_embeddings(model, f, h, w, latents.device)
         if cfg.ofs_embed_dim and kwargs.get("ofs") is None:
             kwargs["ofs"] = torch.full((b,), 2.0, device=x.device, dtype=x.dtype)
-        out = model(
-            hidden_states=x.permute(0, 2, 1, 3, 4),
-            timestep=timestep,
-            return_dict=False,
-            **kwargs,
-        )[0]
+        out = forward(model, x.permute(0, 2, 1, 3, 4), timestep, kwargs)
         return out.permute(0, 2, 1, 3, 4).to(latents.dtype)
 
-    def dummy_condition(self, model: nn.Module, batch: int, generator: torch.Generator | None = None):
-        device, dtype = model_device_dtype(model, self.input_layer)
-        cond, uncond = {}, {}
-        for key, shape in self.condition_shapes(model).items():
-            cond[key] = randn((batch, *shape), generator, device, dtype)
-            uncond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
-        return cond, uncond
-
-    def default_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
-        override = override_latent_shape(model)
-        if override is not None:
-            return override
+    def native_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         cfg = model.config
         frames = (int(cfg.sample_frames) - 1) // int(cfg.temporal_compression_ratio) + 1
         if cfg.patch_size_t is not None and frames % cfg.patch_size_t:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGroup, BlockIO, ModelAdapter, register_adapter
-from .dit import cast_floats, input_dtype, model_device_dtype, override_latent_shape, positional_or_keyword, randn
+from .base import BlockGroup, BlockIO, register_adapter
+from .common import TextConditionedAdapter, forward, joint_text_shapes
 
 FLUX_BLOCK_IO = BlockIO(
     hidden_arg="hidden_states", encoder_arg="encoder_hidden_states", encoder_pos=1, returns=("encoder", "hidden")
@@ -55,10 +55,11 @@ def latent_image_ids(height: int, width: int, device: torch.device) -> torch.Ten
 
 
 @register_adapter
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(TextConditionedAdapter):
     name = "flux"
     input_layer = "x_embedder"  # its weight dtype is the compute dtype
     model_classes = ("FluxTransformer2DModel",)
+    timestep_pos = 3  # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, ...)
     timestep_scale = 1.0
     default_guidance = 3.5
     # T5 tokens of FLUX.1-dev (schnell uses 256)
@@ -70,23 +71,14 @@ class FluxAdapter(ModelAdapter):
             BlockGroup("single_transformer_blocks", model.single_transformer_blocks, FLUX_BLOCK_IO),
         ]
 
-    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, ...)
-        return positional_or_keyword(args, kwargs, "timestep", 3)
-
     def condition_shapes(self, model: nn.Module, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
-        cfg = model.config
-        return {
-            "encoder_hidden_states": (text_len or self.dummy_text_len, int(cfg.joint_attention_dim)),
-            "pooled_projections": (int(cfg.pooled_projection_dim),),
-        }
+        return joint_text_shapes(model, text_len or self.dummy_text_len)
 
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         b, _, h, w = latents.shape
         if h % 2 or w % 2:
             raise ValueError(f"Flux latents need even height and width, got {h}x{w}")
-        x = latents.to(input_dtype(model, self.input_layer, latents.dtype))
-        kwargs = cast_floats(cond, x)
+        x, kwargs = self.prepare(model, latents, cond)
         enc = kwargs["encoder_hidden_states"]
         if "txt_ids" not in kwargs:
             kwargs["txt_ids"] = torch.zeros(enc.shape[1], 3, device=latents.device)
@@ -97,25 +89,9 @@ class FluxAdapter(ModelAdapter):
                 kwargs["guidance"] = torch.full((b,), self.default_guidance, device=latents.device, dtype=torch.float32)
         else:
             kwargs.pop("guidance", None)
-        out = model(
-            hidden_states=pack_latents(x),
-            timestep=timestep / 1000.0,
-            return_dict=False,
-            **kwargs,
-        )[0]
+        out = forward(model, pack_latents(x), timestep / 1000.0, kwargs)
         return unpack_latents(out, h, w).to(latents.dtype)
 
-    def dummy_condition(self, model: nn.Module, batch: int, generator: torch.Generator | None = None):
-        device, dtype = model_device_dtype(model, self.input_layer)
-        cond, uncond = {}, {}
-        for key, shape in self.condition_shapes(model).items():
-            cond[key] = randn((batch, *shape), generator, device, dtype)
-            uncond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
-        return cond, uncond
-
-    def default_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
-        override = override_latent_shape(model)
-        if override is not None:
-            return override
+    def native_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         # 1024x1024 pixels with the 8x FLUX VAE
         return (int(model.config.in_channels) // 4, 128, 128)

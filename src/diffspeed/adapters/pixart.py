@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGroup, BlockIO, ModelAdapter, register_adapter
-from .dit import cast_floats, input_dtype, model_device_dtype, override_latent_shape, positional_or_keyword, randn
+from .base import BlockGroup, BlockIO, register_adapter
+from .common import TextConditionedAdapter, drop_learned_sigma, forward, square_latent_shape
 
 PIXART_BLOCK_IO = BlockIO(
     hidden_arg="hidden_states", encoder_arg="encoder_hidden_states", encoder_pos=2, returns=("hidden",)
@@ -28,28 +28,23 @@ VAE_SCALE = 8
 
 
 @register_adapter
-class PixArtAdapter(ModelAdapter):
+class PixArtAdapter(TextConditionedAdapter):
     name = "pixart"
     input_layer = "pos_embed.proj"  # its weight dtype is the compute dtype
     model_classes = ("PixArtTransformer2DModel",)
+    timestep_pos = 2  # forward(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, ...)
     # T5 tokens of the real pipelines (alpha: 120, sigma: 300)
     dummy_text_len = 120
 
     def block_groups(self, model: nn.Module) -> list[BlockGroup]:
         return [BlockGroup("transformer_blocks", model.transformer_blocks, PIXART_BLOCK_IO)]
 
-    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # forward(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, ...)
-        return positional_or_keyword(args, kwargs, "timestep", 2)
-
     def condition_shapes(self, model: nn.Module, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
-        """Per-sample shapes of the float condition tensors."""
         channels = model.config.caption_channels or model.config.cross_attention_dim
         return {"encoder_hidden_states": (text_len or self.dummy_text_len, int(channels))}
 
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        x = latents.to(input_dtype(model, self.input_layer, latents.dtype))
-        kwargs = cast_floats(cond, x)
+        x, kwargs = self.prepare(model, latents, cond)
         if "added_cond_kwargs" not in kwargs:
             if getattr(model, "use_additional_conditions", False):
                 b, _, h, w = latents.shape
@@ -58,20 +53,7 @@ class PixArtAdapter(ModelAdapter):
                 kwargs["added_cond_kwargs"] = {"resolution": res.repeat(b, 1), "aspect_ratio": ar.repeat(b, 1)}
             else:
                 kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        out = model(hidden_states=x, timestep=timestep, return_dict=False, **kwargs)[0]
-        return out[:, : latents.shape[1]].to(latents.dtype)
+        return drop_learned_sigma(forward(model, x, timestep, kwargs), latents)
 
-    def dummy_condition(self, model: nn.Module, batch: int, generator: torch.Generator | None = None):
-        device, dtype = model_device_dtype(model, self.input_layer)
-        cond, uncond = {}, {}
-        for key, shape in self.condition_shapes(model).items():
-            cond[key] = randn((batch, *shape), generator, device, dtype)
-            uncond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
-        return cond, uncond
-
-    def default_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
-        override = override_latent_shape(model)
-        if override is not None:
-            return override
-        size = int(model.config.sample_size)
-        return (int(model.config.in_channels), size, size)
+    def native_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return square_latent_shape(model)

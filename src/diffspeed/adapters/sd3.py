@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGroup, BlockIO, ModelAdapter, register_adapter
-from .dit import cast_floats, input_dtype, model_device_dtype, override_latent_shape, positional_or_keyword, randn
+from .base import BlockGroup, BlockIO, register_adapter
+from .common import TextConditionedAdapter, forward, joint_text_shapes, square_latent_shape
 
 SD3_BLOCK_IO = BlockIO(
     hidden_arg="hidden_states", encoder_arg="encoder_hidden_states", encoder_pos=1, returns=("encoder", "hidden")
@@ -24,44 +24,23 @@ SD3_BLOCK_IO = BlockIO(
 
 
 @register_adapter
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(TextConditionedAdapter):
     name = "sd3"
     input_layer = "pos_embed.proj"  # its weight dtype is the compute dtype
     model_classes = ("SD3Transformer2DModel",)
+    timestep_pos = 3  # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
     # 77 CLIP tokens + 256 T5 tokens, as StableDiffusion3Pipeline
     dummy_text_len = 333
 
     def block_groups(self, model: nn.Module) -> list[BlockGroup]:
         return [BlockGroup("transformer_blocks", model.transformer_blocks, SD3_BLOCK_IO)]
 
-    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
-        return positional_or_keyword(args, kwargs, "timestep", 3)
-
     def condition_shapes(self, model: nn.Module, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
-        cfg = model.config
-        return {
-            "encoder_hidden_states": (text_len or self.dummy_text_len, int(cfg.joint_attention_dim)),
-            "pooled_projections": (int(cfg.pooled_projection_dim),),
-        }
+        return joint_text_shapes(model, text_len or self.dummy_text_len)
 
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        x = latents.to(input_dtype(model, self.input_layer, latents.dtype))
-        kwargs = cast_floats(cond, x)
-        out = model(hidden_states=x, timestep=timestep, return_dict=False, **kwargs)[0]
-        return out.to(latents.dtype)
+        x, kwargs = self.prepare(model, latents, cond)
+        return forward(model, x, timestep, kwargs).to(latents.dtype)
 
-    def dummy_condition(self, model: nn.Module, batch: int, generator: torch.Generator | None = None):
-        device, dtype = model_device_dtype(model, self.input_layer)
-        cond, uncond = {}, {}
-        for key, shape in self.condition_shapes(model).items():
-            cond[key] = randn((batch, *shape), generator, device, dtype)
-            uncond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
-        return cond, uncond
-
-    def default_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
-        override = override_latent_shape(model)
-        if override is not None:
-            return override
-        size = int(model.config.sample_size)
-        return (int(model.config.in_channels), size, size)
+    def native_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
+        return square_latent_shape(model)

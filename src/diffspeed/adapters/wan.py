@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGroup, BlockIO, ModelAdapter, register_adapter
-from .dit import cast_floats, input_dtype, model_device_dtype, override_latent_shape, positional_or_keyword, randn
+from .base import BlockGroup, BlockIO, register_adapter
+from .common import TextConditionedAdapter, forward
 
 WAN_BLOCK_IO = BlockIO(
     hidden_arg="hidden_states", encoder_arg="encoder_hidden_states", encoder_pos=1, returns=("hidden",)
@@ -24,40 +24,24 @@ WAN_BLOCK_IO = BlockIO(
 
 
 @register_adapter
-class WanAdapter(ModelAdapter):
+class WanAdapter(TextConditionedAdapter):
     name = "wan"
     input_layer = "patch_embedding"  # its weight dtype is the compute dtype
     model_classes = ("WanTransformer3DModel",)
+    timestep_pos = 1  # forward(hidden_states, timestep, encoder_hidden_states, ...)
     # umT5 tokens of WanPipeline (max_sequence_length=512)
     dummy_text_len = 512
 
     def block_groups(self, model: nn.Module) -> list[BlockGroup]:
         return [BlockGroup("blocks", model.blocks, WAN_BLOCK_IO)]
 
-    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # forward(hidden_states, timestep, encoder_hidden_states, ...)
-        return positional_or_keyword(args, kwargs, "timestep", 1)
-
     def condition_shapes(self, model: nn.Module, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
         return {"encoder_hidden_states": (text_len or self.dummy_text_len, int(model.config.text_dim))}
 
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        x = latents.to(input_dtype(model, self.input_layer, latents.dtype))
-        kwargs = cast_floats(cond, x)
-        out = model(hidden_states=x, timestep=timestep, return_dict=False, **kwargs)[0]
-        return out.to(latents.dtype)
+        x, kwargs = self.prepare(model, latents, cond)
+        return forward(model, x, timestep, kwargs).to(latents.dtype)
 
-    def dummy_condition(self, model: nn.Module, batch: int, generator: torch.Generator | None = None):
-        device, dtype = model_device_dtype(model, self.input_layer)
-        cond, uncond = {}, {}
-        for key, shape in self.condition_shapes(model).items():
-            cond[key] = randn((batch, *shape), generator, device, dtype)
-            uncond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
-        return cond, uncond
-
-    def default_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
-        override = override_latent_shape(model)
-        if override is not None:
-            return override
+    def native_latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         # 81 frames at 480x832 with the Wan VAE (4x temporal, 8x spatial): 21 x 60 x 104 latents
         return (int(model.config.in_channels), 21, 60, 104)

@@ -30,12 +30,13 @@ from .shapes import (
     _rand,
     _uniform,
     balanced_labels,
-    coverage,
+    balanced_set,
     heldout_seed,
+    labelled_batch,
     make_generator,
-    pixel_grid,
+    placed_shape_coverage,
     render_backgrounds,
-    shape_sdf,
+    seeded_stream,
     stream_seed,
 )
 from .shapes import SHAPES as _IMAGE_SHAPES
@@ -105,14 +106,7 @@ def _render(labels: torch.Tensor, gen: torch.Generator, device: torch.device) ->
     theta0 = _uniform(gen, 0, 2 * math.pi, batch, device=device)
     theta = theta0[:, None] + spin[:, None] * torch.arange(frames, device=device)  # (B, F)
 
-    yy, xx = pixel_grid(size, device)
-    dx = xx - cx[:, :, None, None]  # (B, F, H, W)
-    dy = yy - cy[:, :, None, None]
-    cos, sin = torch.cos(theta)[:, :, None, None], torch.sin(theta)[:, :, None, None]
-    lx = cos * dx + sin * dy
-    ly = -sin * dx + cos * dy
-    sdf = shape_sdf(sdf_ids[:, None, None, None], lx, ly, r[:, None, None, None])
-    alpha = coverage(sdf)[:, None]  # (B, 1, F, H, W)
+    alpha, _, _ = placed_shape_coverage(sdf_ids, r, cx, cy, theta, size, device)  # (B, 1, F, H, W)
 
     hue = _rand(gen, batch, device=device)
     sat = _uniform(gen, 0.65, 0.95, batch, device=device)
@@ -124,31 +118,17 @@ def _render(labels: torch.Tensor, gen: torch.Generator, device: torch.device) ->
 
 def sample_batch(batch_size: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch (clips in [-1, 1], labels), a pure function of ``seed``."""
-    device = torch.device(device)
-    gen = make_generator(seed, device)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen, device=gen.device).to(device)
     # valid by construction: skip render_clips' label check, a GPU->CPU sync every training step
-    return _render(labels, gen, device), labels
+    return labelled_batch(batch_size, seed, device, NUM_CLASSES, _render)
 
 
 def batch_stream(batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless stream of training batches; batch i is ``sample_batch(.., stream_seed(seed, i))``."""
-    i = start
-    while True:
-        yield sample_batch(batch_size, stream_seed(seed, i), device)
-        i += 1
+    return seeded_stream(sample_batch, batch_size, seed, device, start)
 
 
 def make_dataset(n: int, seed: int = HELDOUT_SEED, device: torch.device | str = "cpu",
                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed, class-balanced set of ``n`` clips (default: the held-out set), deterministic."""
-    device = torch.device(device)
-    labels = balanced_labels(n, make_generator(heldout_seed(seed, 1 << 23), "cpu"), NUM_CLASSES)
-    clips = []
-    for k, start in enumerate(range(0, n, chunk)):
-        gen = make_generator(heldout_seed(seed, k), device)
-        clips.append(render_clips(labels[start:start + chunk].to(device), gen, device))
-    if not clips:
-        return torch.empty(0, 3, FRAMES, FRAME_SIZE, FRAME_SIZE, device=device), labels.to(device)
-    return torch.cat(clips), labels.to(device)
+    return balanced_set(n, seed, device, chunk, NUM_CLASSES, render_clips, (3, FRAMES, FRAME_SIZE, FRAME_SIZE))

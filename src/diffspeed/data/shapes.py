@@ -23,7 +23,7 @@ disjoint seed range (:data:`HELDOUT_SEED`).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,26 @@ def coverage(sdf: torch.Tensor) -> torch.Tensor:
     return (0.5 - sdf).clamp(0.0, 1.0)
 
 
+def placed_shape_coverage(shape_id: torch.Tensor, r: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                          theta: torch.Tensor, size: int, device: torch.device
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coverage of shape ``shape_id`` (B,) of size ``r`` (B,) centred at (``cx``, ``cy``) and rotated by
+    ``theta`` on a ``size`` x ``size`` pixel grid.
+
+    ``cx``, ``cy``, ``theta`` are (B,) for images or (B, F) for clips (one pose per frame). Returns
+    ``(alpha, dx, dy)``: alpha (B, 1, ..., H, W), and the pixel offsets from the centre (B, ..., H, W).
+    """
+    yy, xx = pixel_grid(size, device)
+    dx = xx - cx[..., None, None]
+    dy = yy - cy[..., None, None]
+    cos, sin = torch.cos(theta)[..., None, None], torch.sin(theta)[..., None, None]
+    lx = cos * dx + sin * dy
+    ly = -sin * dx + cos * dy
+    per_sample = (slice(None),) + (None,) * (cx.dim() + 1)  # (B,) -> (B, 1, ..., 1) against (B, ..., H, W)
+    sdf = shape_sdf(shape_id[per_sample], lx, ly, r[per_sample])
+    return coverage(sdf)[:, None], dx, dy
+
+
 # ---- backgrounds -------------------------------------------------------------------------------
 
 def _muted_colours(gen: torch.Generator, batch: int, device: torch.device,
@@ -175,14 +195,7 @@ def render_images(labels: torch.Tensor, gen: torch.Generator, device: torch.devi
     cx = extent + (size - 2 * extent) * _rand(gen, batch, device=device)
     cy = extent + (size - 2 * extent) * _rand(gen, batch, device=device)
     theta = _uniform(gen, 0, 2 * math.pi, batch, device=device)
-    yy, xx = pixel_grid(size, device)
-    dx = xx - cx[:, None, None]
-    dy = yy - cy[:, None, None]
-    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    lx = cos * dx + sin * dy
-    ly = -sin * dx + cos * dy
-    sdf = shape_sdf(shape_id[:, None, None], lx, ly, r[:, None, None])
-    alpha = coverage(sdf)[:, None]  # (B, 1, H, W)
+    alpha, dx, dy = placed_shape_coverage(shape_id, r, cx, cy, theta, size, device)  # alpha (B, 1, H, W)
 
     base = torch.tensor([COLOUR_RGB[c] for c in COLOURS], device=device)[colour_id]  # (B, 3)
     base = (base * _uniform(gen, 0.82, 1.08, batch, 1, device=device)
@@ -209,35 +222,56 @@ def balanced_labels(n: int, gen: torch.Generator | None = None, num_classes: int
 
 def sample_batch(batch_size: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch (images in [-1, 1], labels), a pure function of ``seed``."""
-    device = torch.device(device)
-    gen = make_generator(seed, device)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen, device=gen.device).to(device)
-    return render_images(labels, gen, device), labels
+    return labelled_batch(batch_size, seed, device, NUM_CLASSES, render_images)
 
 
 def batch_stream(batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless stream of training batches; batch i is ``sample_batch(.., stream_seed(seed, i))``."""
-    i = start
-    while True:
-        yield sample_batch(batch_size, stream_seed(seed, i), device)
-        i += 1
+    return seeded_stream(sample_batch, batch_size, seed, device, start)
 
 
 def make_dataset(n: int, seed: int = HELDOUT_SEED, device: torch.device | str = "cpu",
                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed, class-balanced set of ``n`` images (default: the held-out set), deterministic."""
+    return balanced_set(n, seed, device, chunk, NUM_CLASSES, render_images, (3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+# ---- batches, streams and fixed sets of any renderer (shared with :mod:`diffspeed.data.clips`) ----
+
+Renderer = Callable[[torch.Tensor, torch.Generator, torch.device], torch.Tensor]
+
+
+def labelled_batch(batch_size: int, seed: int, device: torch.device | str, num_classes: int,
+                   render: Renderer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(render(labels, gen, device), labels)``: uniform labels, then the samples, all from the
+    generator of ``seed``."""
     device = torch.device(device)
-    labels = balanced_labels(n, make_generator(heldout_seed(seed, 1 << 23), "cpu"))
-    images = []
+    gen = make_generator(seed, device)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=gen, device=gen.device).to(device)
+    return render(labels, gen, device), labels
+
+
+def seeded_stream(sample: Callable[[int, int, torch.device | str], tuple[torch.Tensor, torch.Tensor]],
+                  batch_size: int, seed: int, device: torch.device | str,
+                  start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``sample(batch_size, stream_seed(seed, i), device)`` for i = start, start + 1, ..."""
+    i = start
+    while True:
+        yield sample(batch_size, stream_seed(seed, i), device)
+        i += 1
+
+
+def balanced_set(n: int, seed: int, device: torch.device | str, chunk: int, num_classes: int,
+                 render: Renderer, item_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` class-balanced samples of held-out seed ``seed``, rendered ``chunk`` at a time (each chunk
+    from its own generator), and their labels; ``item_shape`` is one sample's shape (for ``n == 0``)."""
+    device = torch.device(device)
+    labels = balanced_labels(n, make_generator(heldout_seed(seed, 1 << 23), "cpu"), num_classes)
+    parts = []
     for k, start in enumerate(range(0, n, chunk)):
         gen = make_generator(heldout_seed(seed, k), device)
-        images.append(render_images(labels[start:start + chunk].to(device), gen, device))
-    if not images:
-        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device), labels.to(device)
-    return torch.cat(images), labels.to(device)
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] pixels."""
-    return ((x.clamp(-1, 1) + 1) / 2)
+        parts.append(render(labels[start:start + chunk].to(device), gen, device))
+    if not parts:
+        return torch.empty(0, *item_shape, device=device), labels.to(device)
+    return torch.cat(parts), labels.to(device)

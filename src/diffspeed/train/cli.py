@@ -11,6 +11,7 @@ Weights go to ``--out`` (default: the package's ``weights/`` directory, i.e. wha
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -40,42 +41,33 @@ def _run(fn, **kwargs):
         raise typer.Exit(2) from exc
 
 
-@app.command()
-def image(
-    device: str = _DEVICE,
-    steps: int = typer.Option(20000, help="maximum optimizer steps"),
-    batch_size: int = typer.Option(256, help="samples per step"),
-    lr: float = typer.Option(5e-4, help="peak learning rate (AdamW, warmup + cosine)"),
-    max_minutes: Optional[float] = _MAXMIN,
-    out: Optional[Path] = _OUT,
-    seed: int = _SEED,
-    log_dir: Optional[Path] = _LOGS,
-    compile: bool = _COMPILE,
-) -> None:
-    """Train reference-image (DiT, 12 shape x colour classes)."""
-    from .image import train_image
+def _generator_command(name: str, train_fn: str, batch_size_default: int, batch_size_help: str, doc: str) -> None:
+    """Register ``diffspeed train <name>``: the reference-generator options, then ``.<name>.<train_fn>(...)``."""
 
-    _run(train_image, steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out, seed=seed,
-         device=device, log_dir=log_dir, compile=compile)
+    def command(
+        device: str = _DEVICE,
+        steps: int = typer.Option(20000, help="maximum optimizer steps"),
+        batch_size: int = typer.Option(batch_size_default, help=batch_size_help),
+        lr: float = typer.Option(5e-4, help="peak learning rate (AdamW, warmup + cosine)"),
+        max_minutes: Optional[float] = _MAXMIN,
+        out: Optional[Path] = _OUT,
+        seed: int = _SEED,
+        log_dir: Optional[Path] = _LOGS,
+        compile: bool = _COMPILE,
+    ) -> None:
+        train = getattr(importlib.import_module(f".{name}", __package__), train_fn)
+        _run(train, steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out, seed=seed,
+             device=device, log_dir=log_dir, compile=compile)
+
+    command.__name__ = name
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def video(
-    device: str = _DEVICE,
-    steps: int = typer.Option(20000, help="maximum optimizer steps"),
-    batch_size: int = typer.Option(64, help="clips per step"),
-    lr: float = typer.Option(5e-4, help="peak learning rate (AdamW, warmup + cosine)"),
-    max_minutes: Optional[float] = _MAXMIN,
-    out: Optional[Path] = _OUT,
-    seed: int = _SEED,
-    log_dir: Optional[Path] = _LOGS,
-    compile: bool = _COMPILE,
-) -> None:
-    """Train reference-video (Wan, 8 shape x motion classes) with its class-embedding table."""
-    from .video import train_video
-
-    _run(train_video, steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out, seed=seed,
-         device=device, log_dir=log_dir, compile=compile)
+_generator_command("image", "train_image", 256, "samples per step",
+                   "Train reference-image (DiT, 12 shape x colour classes).")
+_generator_command("video", "train_video", 64, "clips per step",
+                   "Train reference-video (Wan, 8 shape x motion classes) with its class-embedding table.")
 
 
 @app.command()

@@ -352,6 +352,42 @@ def default_weights_dir() -> Path:
     return WEIGHTS_DIR
 
 
+def start_run(device: str | torch.device, seed: int, console: Any = None) -> tuple[Any, torch.device]:
+    """The start of every training run: a console (``console`` or a new rich one), the resolved device
+    with its backends configured, and the global torch seed set."""
+    from rich.console import Console
+
+    console = console or Console(soft_wrap=True)
+    dev = resolve_device(device)
+    configure_backends(dev)
+    torch.manual_seed(seed)
+    return console, dev
+
+
+def default_warmup(steps: int, cap: int) -> int:
+    """Warmup steps when none are given: a tenth of the run, at least 1, at most ``cap``."""
+    return min(cap, max(1, steps // 10))
+
+
+def say(console: Any, label: str, message: str) -> None:
+    """One plain (no markup, no highlighting) progress line, prefixed ``[label]``."""
+    console.print(f"[{label}] {message}", highlight=False, markup=False)
+
+
+def weights_folder(out: str | Path | None, name: str) -> Path:
+    """``<out>/<name>``, ``out`` defaulting to the package weights dir."""
+    return (Path(out) if out is not None else default_weights_dir()) / name
+
+
+def write_history(log_dir: str | Path | None, label: str, result: TrainResult, summary: dict[str, Any]) -> None:
+    """The loss curve PNG and the history JSON of a run into ``log_dir`` (nothing when it is None)."""
+    if log_dir is None:
+        return
+    logs = Path(log_dir)
+    save_loss_curve(result.history, logs / f"{label}-loss.png", f"{label} training loss")
+    write_json(logs / f"{label}-history.json", {"summary": summary, "history": result.history})
+
+
 def generator_for(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
     gen.manual_seed(int(seed))

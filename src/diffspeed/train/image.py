@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,21 @@ from ..models.reference import build_image_model
 from .common import (
     EMA,
     MaybeCompiled,
+    TrainResult,
     TrainSettings,
     autocast,
-    configure_backends,
     count_params,
-    default_weights_dir,
+    default_warmup,
     device_name,
     generator_for,
     rand,
     randn,
-    resolve_device,
     sample_flow_t,
-    save_loss_curve,
+    say,
+    start_run,
     train_loop,
+    weights_folder,
+    write_history,
     write_json,
 )
 
@@ -69,6 +72,75 @@ def save_transformer(model: torch.nn.Module, folder: Path) -> None:
         dlogging.set_verbosity(previous)
 
 
+def generator_settings(*, steps: int, batch_size: int, lr: float, max_minutes: float | None, seed: int,
+                       dev: torch.device, ema_decay: float, warmup_steps: int | None) -> TrainSettings:
+    """Validated settings of a reference-generator run (warmup: a tenth of the run, at most 500, by default)."""
+    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+                             device=str(dev), ema_decay=ema_decay,
+                             warmup_steps=warmup_steps if warmup_steps is not None else default_warmup(steps, 500))
+    settings.validate()
+    return settings
+
+
+def fit_flow_model(
+    module: torch.nn.Module,
+    data: ModuleType,
+    settings: TrainSettings,
+    dev: torch.device,
+    *,
+    name: str,
+    noise_seed: int,
+    predict: Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    compile: bool,
+    console: Any,
+) -> tuple[TrainResult, torch.nn.Module, EMA | None]:
+    """Train a class-conditional generator with the rectified-flow objective on ``data`` (a procedural
+    data module: ``sample_batch``, ``stream_seed``, ``NUM_CLASSES`` = the null label).
+
+    ``predict(forward, x_t, timestep, labels)`` calls the (maybe compiled) module. Returns the result,
+    the final weights (the EMA average when ``settings.ema_decay``) and the EMA.
+    """
+    ema = EMA(module, settings.ema_decay) if settings.ema_decay else None
+    gen = generator_for(noise_seed, dev)
+    forward = MaybeCompiled(module, compile, name, console)
+    batch_size, seed, null = settings.batch_size, settings.seed, data.NUM_CLASSES
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x0, labels = data.sample_batch(batch_size, data.stream_seed(seed, step), dev)
+        labels = drop_labels(labels, null, LABEL_DROPOUT, gen)
+        x_t, timestep, target = flow_targets(x0, gen)
+        with autocast(dev):
+            pred = predict(forward, x_t, timestep, labels)
+        return F.mse_loss(pred.float(), target)
+
+    result = train_loop(module, loss_fn, settings, dev, label=name, items_per_step=batch_size, ema=ema, console=console)
+    final = ema.averaged_copy(module) if ema is not None else module
+    return result, final, ema
+
+
+def run_summary(settings: TrainSettings, result: TrainResult, dev: torch.device, ema: EMA | None,
+                compiled: bool, folder: Path) -> dict[str, Any]:
+    """The run-describing tail of a generator's ``training.json``."""
+    return {
+        "settings": asdict(settings),
+        "train": result.summary(),
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "ema": bool(ema),
+        "compiled": bool(compiled),
+        "weights_dir": str(folder),
+    }
+
+
+def publish(summary: dict[str, Any], result: TrainResult, folder: Path, log_dir: str | os.PathLike | None,
+            name: str, console: Any) -> None:
+    """Write ``training.json`` next to the saved weights and the logs, and say where the weights went."""
+    write_json(folder / "training.json", summary)
+    write_history(log_dir, name, result, summary)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    say(console, name, f"wrote {folder} ({size:.1f} MiB)")
+
+
 def train_image(
     *,
     steps: int = 20000,
@@ -86,38 +158,19 @@ def train_image(
     console: Any = None,
 ) -> dict[str, Any]:
     """Train the reference image model and write it to ``<out>/reference-image``; returns a summary."""
-    from rich.console import Console
-
-    console = console or Console(soft_wrap=True)
-    dev = resolve_device(device)
-    configure_backends(dev)
-    torch.manual_seed(seed)
-    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
-                             device=str(dev), ema_decay=ema_decay,
-                             warmup_steps=warmup_steps if warmup_steps is not None else min(500, max(1, steps // 10)))
-    settings.validate()
+    console, dev = start_run(device, seed, console)
+    settings = generator_settings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+                                  dev=dev, ema_decay=ema_decay, warmup_steps=warmup_steps)
     model = build_image_model(**(model_overrides or {})).to(dev)
-    null = shapes.NUM_CLASSES
     n_params = count_params(model)
-    console.print(f"[{NAME}] DiT {n_params / 1e6:.2f} M params on {device_name(dev)}; batch {batch_size}, "
-                  f"lr {lr}, steps {steps}, max {max_minutes} min", highlight=False, markup=False)
-    ema = EMA(model, ema_decay) if ema_decay else None
-    gen = generator_for(seed * 7919 + 1, dev)
-    forward = MaybeCompiled(model, compile, NAME, console)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        x0, labels = shapes.sample_batch(batch_size, shapes.stream_seed(seed, step), dev)
-        labels = drop_labels(labels, null, LABEL_DROPOUT, gen)
-        x_t, timestep, target = flow_targets(x0, gen)
-        with autocast(dev):
-            pred = forward(x_t, timestep=timestep, class_labels=labels, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target)
-
-    result = train_loop(model, loss_fn, settings, dev, label=NAME, items_per_step=batch_size, ema=ema, console=console)
-
-    out_root = Path(out) if out is not None else default_weights_dir()
-    folder = out_root / NAME
-    final = ema.averaged_copy(model) if ema is not None else model
+    say(console, NAME, f"DiT {n_params / 1e6:.2f} M params on {device_name(dev)}; batch {batch_size}, "
+                       f"lr {lr}, steps {steps}, max {max_minutes} min")
+    result, final, ema = fit_flow_model(
+        model, shapes, settings, dev, name=NAME, noise_seed=seed * 7919 + 1, compile=compile, console=console,
+        predict=lambda forward, x_t, timestep, labels: forward(
+            x_t, timestep=timestep, class_labels=labels, return_dict=False)[0],
+    )
+    folder = weights_folder(out, NAME)
     save_transformer(final, folder)
     summary = {
         "model": NAME,
@@ -126,19 +179,7 @@ def train_image(
         "class_names": list(shapes.CLASS_NAMES),
         "data": "diffspeed.data.shapes",
         "objective": "rectified flow, v = eps - x0, logit-normal t, 10% label dropout",
-        "settings": asdict(settings),
-        "train": result.summary(),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "ema": bool(ema),
-        "compiled": bool(compile),
-        "weights_dir": str(folder),
+        **run_summary(settings, result, dev, ema, compile, folder),
     }
-    write_json(folder / "training.json", summary)
-    logs = Path(log_dir) if log_dir is not None else None
-    if logs is not None:
-        save_loss_curve(result.history, logs / f"{NAME}-loss.png", f"{NAME} training loss")
-        write_json(logs / f"{NAME}-history.json", {"summary": summary, "history": result.history})
-    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-    console.print(f"[{NAME}] wrote {folder} ({size:.1f} MiB)", highlight=False, markup=False)
+    publish(summary, result, folder, log_dir, NAME, console)
     return summary

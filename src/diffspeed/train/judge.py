@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,17 +20,17 @@ from ..models.judge import build_judge_net, judge_config, load_judge, save_judge
 from .common import (
     TrainSettings,
     autocast,
-    configure_backends,
     count_params,
-    default_weights_dir,
+    default_warmup,
     device_name,
     generator_for,
     rand,
     randn,
-    resolve_device,
-    save_loss_curve,
+    say,
+    start_run,
     train_loop,
-    write_json,
+    weights_folder,
+    write_history,
 )
 
 HELDOUT = {"image": 2400, "video": 800}
@@ -69,25 +68,20 @@ def train_judge(
     console: Any = None,
 ) -> dict[str, Any]:
     """Train ``judge-<kind>`` (kind: image or video), save it to ``<out>/judge-<kind>``; returns a summary."""
-    from rich.console import Console
-
     if kind not in ("image", "video"):
         raise DiffspeedError(f"judge kind must be 'image' or 'video', got {kind!r}")
-    console = console or Console(soft_wrap=True)
     name = f"judge-{kind}"
     data = shapes if kind == "image" else clips
-    dev = resolve_device(device)
-    configure_backends(dev)
-    torch.manual_seed(seed)
+    console, dev = start_run(device, seed, console)
     extra = {"channels": list(channels)} if channels else {}
     config = judge_config(kind, **extra)
     net = build_judge_net(config).to(dev)
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
                              device=str(dev), ema_decay=None, weight_decay=0.05,
-                             warmup_steps=min(200, max(1, steps // 10)))
+                             warmup_steps=default_warmup(steps, 200))
     settings.validate()
-    console.print(f"[{name}] {count_params(net) / 1e6:.2f} M params on {device_name(dev)}; batch {batch_size}, "
-                  f"lr {lr}, steps {steps}, max {max_minutes} min", highlight=False, markup=False)
+    say(console, name, f"{count_params(net) / 1e6:.2f} M params on {device_name(dev)}; batch {batch_size}, "
+                       f"lr {lr}, steps {steps}, max {max_minutes} min")
     gen = generator_for(seed * 7919 + 3, dev)
     judge_seed = seed + 1000  # a different stream from the generative models' training data
 
@@ -101,7 +95,7 @@ def train_judge(
     result = train_loop(net, loss_fn, settings, dev, label=name, items_per_step=batch_size, console=console)
 
     n_heldout = heldout if heldout is not None else HELDOUT[kind]
-    folder = (Path(out) if out is not None else default_weights_dir()) / name
+    folder = weights_folder(out, name)
     config["training"] = {"settings": asdict(settings), "train": result.summary(), "device": device_name(dev)}
     save_judge(net.float(), config, folder)
     # evaluate the saved (fp16-rounded) judge on the held-out real set
@@ -114,12 +108,9 @@ def train_judge(
     config["heldout_samples"] = n_heldout
     config["heldout_per_class"] = per_class
     save_judge(net.float(), config, folder)
-    console.print(f"[{name}] held-out real accuracy {acc:.4f} on {n_heldout} samples; worst class "
-                  f"{min(per_class, key=per_class.get)} {min(per_class.values()):.3f}; wrote {folder}", highlight=False, markup=False)
+    say(console, name, f"held-out real accuracy {acc:.4f} on {n_heldout} samples; worst class "
+                       f"{min(per_class, key=per_class.get)} {min(per_class.values()):.3f}; wrote {folder}")
     summary = {"judge": name, "heldout_accuracy": acc, "heldout_samples": n_heldout, "per_class": per_class,
                "params": count_params(net), "train": result.summary(), "device": device_name(dev)}
-    if log_dir is not None:
-        logs = Path(log_dir)
-        save_loss_curve(result.history, logs / f"{name}-loss.png", f"{name} training loss")
-        write_json(logs / f"{name}-history.json", {"summary": summary, "history": result.history})
+    write_history(log_dir, name, result, summary)
     return summary

@@ -9,12 +9,10 @@ objective as :mod:`diffspeed.train.image`; the EMA weights are saved in fp16.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import clips
@@ -24,22 +22,8 @@ from ..models.reference import (
     VIDEO_EMBED_TOKENS,
     build_video_model,
 )
-from .common import (
-    EMA,
-    MaybeCompiled,
-    TrainSettings,
-    autocast,
-    configure_backends,
-    count_params,
-    default_weights_dir,
-    device_name,
-    generator_for,
-    resolve_device,
-    save_loss_curve,
-    train_loop,
-    write_json,
-)
-from .image import LABEL_DROPOUT, drop_labels, flow_targets, save_transformer
+from .common import count_params, device_name, say, start_run, weights_folder
+from .image import fit_flow_model, generator_settings, publish, run_summary, save_transformer
 
 NAME = "reference-video"
 
@@ -84,16 +68,9 @@ def train_video(
     console: Any = None,
 ) -> dict[str, Any]:
     """Train the reference video model and write it to ``<out>/reference-video``; returns a summary."""
-    from rich.console import Console
-
-    console = console or Console(soft_wrap=True)
-    dev = resolve_device(device)
-    configure_backends(dev)
-    torch.manual_seed(seed)
-    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
-                             device=str(dev), ema_decay=ema_decay,
-                             warmup_steps=warmup_steps if warmup_steps is not None else min(500, max(1, steps // 10)))
-    settings.validate()
+    console, dev = start_run(device, seed, console)
+    settings = generator_settings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+                                  dev=dev, ema_decay=ema_decay, warmup_steps=warmup_steps)
     transformer = build_video_model(**(model_overrides or {}))
     rope = getattr(transformer, "rope", None)
     for buf in ("freqs_cos", "freqs_sin"):  # float64 RoPE tables would promote q/k math to float64
@@ -101,28 +78,14 @@ def train_video(
             setattr(rope, buf, getattr(rope, buf).float())
     module = ClassConditionedVideo(transformer, clips.NUM_CLASSES, embed_tokens,
                                    int(transformer.config.text_dim)).to(dev)
-    null = clips.NUM_CLASSES
     n_params = count_params(transformer)
-    console.print(f"[{NAME}] Wan {n_params / 1e6:.2f} M params (+ class table {tuple(module.class_embeddings.shape)}) "
-                  f"on {device_name(dev)}; batch {batch_size}, lr {lr}, steps {steps}, max {max_minutes} min",
-                  highlight=False, markup=False)
-    ema = EMA(module, ema_decay) if ema_decay else None
-    gen = generator_for(seed * 7919 + 2, dev)
-    forward = MaybeCompiled(module, compile, NAME, console)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        x0, labels = clips.sample_batch(batch_size, clips.stream_seed(seed, step), dev)
-        labels = drop_labels(labels, null, LABEL_DROPOUT, gen)
-        x_t, timestep, target = flow_targets(x0, gen)
-        with autocast(dev):
-            pred = forward(x_t, timestep, labels)
-        return F.mse_loss(pred.float(), target)
-
-    result = train_loop(module, loss_fn, settings, dev, label=NAME, items_per_step=batch_size, ema=ema, console=console)
-
-    out_root = Path(out) if out is not None else default_weights_dir()
-    folder = out_root / NAME
-    final = ema.averaged_copy(module) if ema is not None else module
+    say(console, NAME, f"Wan {n_params / 1e6:.2f} M params (+ class table {tuple(module.class_embeddings.shape)}) "
+                       f"on {device_name(dev)}; batch {batch_size}, lr {lr}, steps {steps}, max {max_minutes} min")
+    result, final, ema = fit_flow_model(
+        module, clips, settings, dev, name=NAME, noise_seed=seed * 7919 + 2, compile=compile, console=console,
+        predict=lambda forward, x_t, timestep, labels: forward(x_t, timestep, labels),
+    )
+    folder = weights_folder(out, NAME)
     save_video_model(final, folder)
     summary = {
         "model": NAME,
@@ -132,19 +95,7 @@ def train_video(
         "class_names": list(clips.CLASS_NAMES),
         "data": "diffspeed.data.clips",
         "objective": "rectified flow, v = eps - x0, logit-normal t, 10% label dropout (null row of the table)",
-        "settings": asdict(settings),
-        "train": result.summary(),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "ema": bool(ema),
-        "compiled": bool(compile),
-        "weights_dir": str(folder),
+        **run_summary(settings, result, dev, ema, compile, folder),
     }
-    write_json(folder / "training.json", summary)
-    if log_dir is not None:
-        logs = Path(log_dir)
-        save_loss_curve(result.history, logs / f"{NAME}-loss.png", f"{NAME} training loss")
-        write_json(logs / f"{NAME}-history.json", {"summary": summary, "history": result.history})
-    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-    console.print(f"[{NAME}] wrote {folder} ({size:.1f} MiB)", highlight=False, markup=False)
+    publish(summary, result, folder, log_dir, NAME, console)
     return summary
