@@ -22,3 +22,40 @@ def test_compiled_matches_eager(tiny_dit):
         out = generate(tiny_dit, [0], [0], num_steps=2)
         assert h.stats["compiled_calls"] == 2
     torch.testing.assert_close(out, base, atol=1e-5, rtol=1e-5)
+
+
+class TestRegionalCompileMethod(MethodTests):
+    expect_change = False
+    changed_stat = "compiled_calls"
+    steps = 3
+
+    def make_config(self):
+        return CompileConfig(backend="eager", scope="blocks")
+
+
+def test_regional_compile_runs_under_a_cache(tiny_dit):
+    """Blocks compiled under the cache's wrappers: same output as the cache alone, skipped blocks not compiled-called."""
+    from diffspeed.methods import StepCacheConfig
+    from diffspeed.recipe import Recipe, apply_recipe
+
+    cache = StepCacheConfig(threshold=1e9, warmup_steps=2, final_steps=1)
+    with diffspeed.apply(tiny_dit.transformer, cache) as h:
+        ref = generate(tiny_dit, [0], [0], num_steps=8)
+        skipped = h.stats["skipped_steps"]
+    with apply_recipe(tiny_dit.transformer, Recipe((cache, CompileConfig(backend="aot_eager", scope="blocks")))) as rh:
+        out = generate(tiny_dit, [0], [0], num_steps=8)
+        stats = rh.stats
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    n_blocks = len(tiny_dit.adapter.blocks(tiny_dit.transformer))
+    assert stats["step_cache"]["skipped_steps"] == skipped > 0
+    # block 0 is only called (and compiled) on computed steps; the other blocks pass through their wrapper
+    assert stats["compile"]["compiled_calls"] == (8 - skipped) * n_blocks
+
+
+def test_bad_scope():
+    import pytest
+
+    from diffspeed.errors import DiffspeedError
+
+    with pytest.raises(DiffspeedError, match="scope"):
+        CompileConfig(scope="everything")

@@ -63,15 +63,22 @@ class WrapHandle:
         self.removed = True
 
 
-def wrap_forward(module: nn.Module, wrapper: Wrapper) -> WrapHandle:
-    """Wrap ``module.forward`` with ``wrapper(inner, *args, **kwargs)``; returns a removable handle."""
+def wrap_forward(module: nn.Module, wrapper: Wrapper, innermost: bool = False) -> WrapHandle:
+    """Wrap ``module.forward`` with ``wrapper(inner, *args, **kwargs)``; returns a removable handle.
+
+    Wrappers nest in the order they are added (the last added runs first); ``innermost=True`` puts
+    this one next to the original forward instead, e.g. a compiled forward under cache wrappers.
+    """
     chain: _Chain | None = module.__dict__.get(_CHAIN_ATTR)
     if chain is None:
         chain = _Chain(module)
         module.__dict__[_CHAIN_ATTR] = chain
     wrapper_id = chain.next_id
     chain.next_id += 1
-    chain.wrappers.append((wrapper_id, wrapper))
+    if innermost:
+        chain.wrappers.insert(0, (wrapper_id, wrapper))
+    else:
+        chain.wrappers.append((wrapper_id, wrapper))
     chain.rebuild(module)
     return WrapHandle(module, wrapper_id)
 

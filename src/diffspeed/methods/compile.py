@@ -8,6 +8,11 @@ batch-1 latency win, since a small DiT forward is launch-bound). Under CUDA grap
 in a static buffer overwritten by the next replay, so this method marks each step and clones the
 output. Methods whose decisions are Python control flow on tensor values (e.g. a cache deciding to
 skip) cause graph breaks or recompiles; they say so in their ``compile_note``. Always applied last.
+
+``scope="blocks"`` is regional compilation: each transformer block's own forward is compiled and
+placed *under* every other method's wrappers, so a cache's skip decision stays in eager Python
+(no graph breaks, no recompiles) while the work it does not skip runs compiled. This is the scope to
+use with the caches; ``scope="model"`` compiles the whole call (best for a plain model).
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ class CompileConfig(MethodConfig):
     backend: str = "inductor"
     fullgraph: bool = False
     dynamic: bool = False
+    scope: str = "model"
 
     def __post_init__(self) -> None:
+        if self.scope not in ("model", "blocks"):
+            raise DiffspeedError(f"compile scope must be 'model' or 'blocks' (regional, for caches), got {self.scope!r}")
         if self.mode not in MODES:
             raise DiffspeedError(f"compile mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in ("inductor", "eager", "aot_eager", "cudagraphs"):
@@ -72,8 +80,10 @@ def apply_compile(model: nn.Module, config: CompileConfig, adapter: ModelAdapter
     options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
     if config.backend == "inductor":
         options["mode"] = config.mode
-    compiled = torch.compile(model._call_impl, **options)
     calls = {"compiled_calls": 0}
+    if config.scope == "blocks":
+        return _compile_blocks(model, config, adapter, options, handle, calls)
+    compiled = torch.compile(model._call_impl, **options)
 
     if config.uses_cuda_graphs:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -92,4 +102,24 @@ def apply_compile(model: nn.Module, config: CompileConfig, adapter: ModelAdapter
 
     handle.on_remove(undo)
     handle.stats = calls  # live view: compiled calls so far
+    return handle
+
+
+def _compile_blocks(model: nn.Module, config: CompileConfig, adapter: ModelAdapter, options: dict[str, Any],
+                    handle: MethodHandle, calls: dict[str, float]) -> MethodHandle:
+    """Regional compile: each block's class forward, compiled, as the innermost forward wrapper."""
+    from ..hooks import wrap_forward
+
+    for _, block, _ in adapter.blocks(model):
+        compiled = torch.compile(type(block).forward.__get__(block, type(block)), **options)
+
+        def run(inner: Any, *args: Any, _fn: Any = compiled, **kwargs: Any) -> Any:
+            calls["compiled_calls"] += 1
+            if config.uses_cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                return _clone_tree(_fn(*args, **kwargs))
+            return _fn(*args, **kwargs)
+
+        handle.on_remove(wrap_forward(block, run, innermost=True).remove)
+    handle.stats = calls
     return handle
