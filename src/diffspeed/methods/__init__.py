@@ -1,4 +1,4 @@
-"""Acceleration methods. Importing this package registers every built-in method."""
+"""Acceleration methods. Importing this package registers every built-in method (one file each)."""
 
 from .base import (
     MethodConfig,
@@ -11,15 +11,17 @@ from .base import (
     method_names,
     register_method,
 )
-from . import compile as _compile  # noqa: F401  (registers)
-from .compile import CompileConfig
-from . import step_cache as _step_cache  # noqa: F401
-from .step_cache import StepCacheConfig
-from . import block_cache as _block_cache  # noqa: F401
+
+# importing each module registers its handler
 from .block_cache import BlockCacheConfig
-from .erta_cache import ErtaCacheConfig  # noqa: F401  (importing the module registers erta_cache)
-from . import motion_cache as _motion_cache  # noqa: F401
+from .compile import CompileConfig
+from .erta_cache import ErtaCacheConfig
+from .lazy import LazyConfig
 from .motion_cache import MotionCacheConfig
+from .slicing import SlicingConfig
+from .sparse_attention import SparseAttentionConfig
+from .step_cache import StepCacheConfig
+from .token_merge import TokenMergeConfig
 
 __all__ = [
     "MethodConfig",
@@ -31,10 +33,13 @@ __all__ = [
     "config_from_dict",
     "method_names",
     "register_method",
-    "CompileConfig",
-    "StepCacheConfig",
     "BlockCacheConfig",
+    "CompileConfig",
+    "ErtaCacheConfig",
+    "LazyConfig",
+    "MotionCacheConfig",
+    "SlicingConfig",
+    "SparseAttentionConfig",
+    "StepCacheConfig",
+    "TokenMergeConfig",
 ]
-__all__ += ["ErtaCacheConfig"]
-from .lazy import LazyConfig  # noqa: E402,F401  (importing the module registers lazy)
-__all__ += ["LazyConfig"]

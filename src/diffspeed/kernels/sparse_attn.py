@@ -1,0 +1,301 @@
+"""S2O-style block-sparse attention: importance-ordered key blocks, early stop, global-local pattern.
+
+All functions take ``q, k, v`` of shape ``(B, H, N, D)`` (SDPA layout) and self-attention
+(``N_q == N_k``). The sequence is cut into blocks of ``block_size`` tokens; a last partial block
+is padded and its padded keys are masked with ``-inf`` (padded query rows are dropped).
+
+**Importance estimate.** For query block ``i`` and key block ``j``::
+
+    est[i, j] = scale * mean_q(block i) . mean_k(block j)
+
+and the estimated (unnormalised) softmax mass of key block ``j`` is ``n_j * exp(est[i, j])``,
+``n_j`` its number of real keys. Mean pooling is a heuristic, not a bound: when a block's keys are
+spread, the pooled score under-estimates its real mass.
+
+**Forced blocks (global-local pattern).** Key blocks with ``|i - j| <= local_window`` and the key
+blocks holding the first ``global_tokens`` tokens are always computed (and computed first).
+
+**Reference path** (:func:`block_sparse_attention`). Per query block, the forced blocks and then
+the others in decreasing ``est`` are folded into an online-softmax accumulator (fp32). After each
+block, the estimated mass of the blocks not yet computed, taken relative to the row's current
+running max ``m`` and normaliser ``l``::
+
+    ratio_row = sum_{j remaining} n_j * exp(est[i, j] - m_row) / l_row
+
+is compared with ``threshold``; the query block stops when the largest ``ratio_row`` over its rows
+is below it (forced blocks are never skipped). ``threshold=0`` computes every block and equals
+dense SDPA to fp32 rounding. The loop runs over ranking positions (at most ``N / block_size``
+steps) and is vectorised over batch, heads and query blocks; it checks once per step whether any
+block is still active (a host sync: this path is a CPU/correctness reference).
+
+**Flex path** (:func:`flex_block_sparse_attention`). The selection is made up front from the
+estimates alone (no running statistics exist before the kernel runs): per query block, the
+smallest set of top-ranked key blocks whose estimated mass share reaches ``1 - threshold``, plus
+the forced blocks (:func:`block_selection`). That selection becomes a FlexAttention ``BlockMask``
+of full blocks. On CUDA the compiled flex kernel skips the dropped blocks; elsewhere flex's eager
+fallback materialises the scores (correct, not fast).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "block_selection",
+    "block_sparse_attention",
+    "flex_available",
+    "flex_block_sparse_attention",
+    "masked_block_attention_dense",
+]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, threshold: float) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "block-sparse attention needs self-attention with matching q/k/v batch, heads and length; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (use dense SDPA for cross-attention)"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, got {block_size}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0 (0 = exact), got {threshold}")
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, Nb, bs, D), zero-padded."""
+    b, h, n, d = x.shape
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.view(b, h, nb, block_size, d)
+
+
+def _estimates(
+    qb: torch.Tensor, kb: torch.Tensor, n: int, block_size: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled scores est (B, H, Nb, Nb) and log n_j (Nb,) per key block."""
+    nb = qb.shape[2]
+    counts = torch.full((nb,), float(block_size), device=qb.device)
+    counts[-1] = n - (nb - 1) * block_size
+    qm = qb.sum(3) / counts[:, None]
+    km = kb.sum(3) / counts[:, None]
+    est = torch.matmul(qm, km.transpose(-1, -2)) * scale
+    return est, counts.log()
+
+
+def _forced(nb: int, block_size: int, local_window: int, global_tokens: int, device: Any) -> torch.Tensor:
+    """(Nb, Nb) bool: key blocks always computed for each query block."""
+    idx = torch.arange(nb, device=device)
+    forced = (idx[:, None] - idx[None, :]).abs() <= local_window if local_window > 0 else torch.zeros(
+        nb, nb, dtype=torch.bool, device=device
+    )
+    if global_tokens > 0:
+        n_global_blocks = min(nb, -(-global_tokens // block_size))
+        forced = forced | (idx[None, :] < n_global_blocks)
+    return forced
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    threshold: float = 0.0,
+    local_window: int = 0,
+    global_tokens: int = 0,
+    scale: float | None = None,
+    return_density: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference S2O block-sparse attention with online early stopping (see the module docstring).
+
+    Returns ``out`` (same shape and dtype as ``q``), or ``(out, density)`` with ``return_density``:
+    density is a 0-dim tensor, the fraction of (query block, key block) pairs computed over batch
+    and heads.
+    """
+    _check(q, k, v, block_size, threshold)
+    b, h, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out_dtype = q.dtype
+    qb = _blocks(q.float(), block_size)
+    kb = _blocks(k.float(), block_size)
+    vb = _blocks(v.float(), block_size)
+    nb = qb.shape[2]
+    dv = vb.shape[-1]
+    device = q.device
+
+    est, log_counts = _estimates(qb, kb, n, block_size, scale)
+    est_mass = est + log_counts  # log of estimated block mass
+    forced = _forced(nb, block_size, local_window, global_tokens, device)
+    n_forced = forced.sum(-1)  # (Nb,)
+    # forced blocks first (in index order), then the rest by decreasing estimate
+    priority = torch.where(forced, torch.finfo(torch.float32).max, est_mass)
+    order = priority.argsort(dim=-1, descending=True, stable=True)  # (B, H, Nb, Nb)
+    ranked_mass = est_mass.gather(-1, order)
+    # rem_lse[..., t] = logsumexp of ranked masses strictly after position t
+    suffix = ranked_mass.flip(-1).logcumsumexp(-1).flip(-1)
+    rem_lse = torch.cat([suffix[..., 1:], torch.full_like(suffix[..., :1], -math.inf)], dim=-1)
+
+    key_valid = torch.ones(nb, block_size, dtype=torch.bool, device=device)
+    key_valid.view(-1)[n:] = False
+
+    m = torch.full((b, h, nb, block_size), -math.inf, device=device)
+    l = torch.zeros((b, h, nb, block_size), device=device)
+    acc = torch.zeros((b, h, nb, block_size, dv), device=device)
+    active = torch.ones((b, h, nb), dtype=torch.bool, device=device)
+    computed = torch.zeros((), device=device)
+    for t in range(nb):
+        idx = order[..., t]  # (B, H, Nb)
+        gidx = idx[..., None, None].expand(b, h, nb, block_size, d)
+        k_sel = kb.gather(2, gidx)
+        v_sel = vb.gather(2, idx[..., None, None].expand(b, h, nb, block_size, dv))
+        s = torch.matmul(qb, k_sel.transpose(-1, -2)) * scale  # (B, H, Nb, bs_q, bs_k)
+        s = s.masked_fill(~key_valid[idx][..., None, :], -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        p = torch.exp(s - m_new[..., None])
+        alpha = torch.exp(m - m_new)
+        l_new = l * alpha + p.sum(-1)
+        acc_new = acc * alpha[..., None] + torch.matmul(p, v_sel)
+        a = active[..., None]
+        m = torch.where(a, m_new, m)
+        l = torch.where(a, l_new, l)
+        acc = torch.where(a[..., None], acc_new, acc)
+        computed = computed + active.sum()
+        if t == nb - 1:
+            break
+        # estimated share of what is left, per row, relative to the running normaliser
+        ratio = torch.exp(rem_lse[..., t, None] - m) / l  # (B, H, Nb, bs_q)
+        keep_going = ratio.amax(-1) >= threshold
+        if threshold == 0:
+            keep_going = torch.ones_like(keep_going)
+        still_forced = (t + 1) < n_forced  # (Nb,)
+        active = active & (keep_going | still_forced)
+        if not bool(active.any()):
+            break
+    out = (acc / l[..., None]).reshape(b, h, nb * block_size, dv)[:, :, :n].to(out_dtype)
+    if return_density:
+        return out, computed / (b * h * nb * nb)
+    return out
+
+
+def block_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    threshold: float = 0.0,
+    local_window: int = 0,
+    global_tokens: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Up-front selection (B, H, Nb, Nb) bool: per query block, the forced blocks plus the smallest
+    set of top-ranked other key blocks whose estimated mass share reaches ``1 - threshold``."""
+    _check(q, k, k, block_size, threshold)
+    n, d = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qb = _blocks(q.float(), block_size)
+    kb = _blocks(k.float(), block_size)
+    nb = qb.shape[2]
+    if threshold == 0:
+        return torch.ones(q.shape[0], q.shape[1], nb, nb, dtype=torch.bool, device=q.device)
+    est, log_counts = _estimates(qb, kb, n, block_size, scale)
+    share = torch.softmax(est + log_counts, dim=-1)
+    forced = _forced(nb, block_size, local_window, global_tokens, q.device)
+    share = share.masked_fill(forced, 0.0)  # forced mass is covered already
+    sorted_share, order = share.sort(dim=-1, descending=True, stable=True)
+    forced_share = torch.softmax(est + log_counts, dim=-1).masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+    # keep a ranked block while the mass covered before it is still short of 1 - threshold
+    covered_before = forced_share + sorted_share.cumsum(-1) - sorted_share
+    keep_sorted = covered_before < 1.0 - threshold
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep | forced
+
+
+def masked_block_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, *, block_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """Dense SDPA restricted to the kept (query block, key block) pairs; for tests (O(N^2) memory)."""
+    n = q.shape[2]
+    tok = torch.arange(n, device=q.device) // block_size
+    mask = kept[..., tok[:, None], tok[None, :]]  # (B, H, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_COMPILED_FLEX: Any = None
+
+
+def _flex_fn(device: torch.device) -> Any:
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention  # eager fallback: correct, materialises the scores
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    threshold: float = 0.0,
+    local_window: int = 0,
+    global_tokens: int = 0,
+    scale: float | None = None,
+    return_density: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention with a BlockMask from :func:`block_selection` (compiled on CUDA; on GPU use a
+    ``block_size`` the flex kernel tiles well, i.e. 128 or a multiple of it)."""
+    if not flex_available():
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch.nn.attention.flex_attention; use backend='reference'"
+        )
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kept = block_selection(
+        q, k, block_size=block_size, threshold=threshold, local_window=local_window,
+        global_tokens=global_tokens, scale=scale,
+    )
+    b, h, nb, _ = kept.shape
+    n = q.shape[2]
+    # Kept blocks are "full" blocks (no mask_mod evaluation in the compiled kernel); a ragged last key
+    # block goes in as a "partial" block. The mask_mod repeats the selection because flex's eager
+    # fallback (CPU) applies only the mask_mod, not the block structure.
+    ragged = n % block_size != 0
+    full = kept.clone()
+    if ragged:
+        full[..., -1] = False
+    partial = kept & ~full
+    full_num = full.sum(-1, dtype=torch.int32)
+    full_idx = full.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    part_num = partial.sum(-1, dtype=torch.int32)
+    part_idx = partial.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(bi: Any, hi: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return kept[bi, hi, q_idx // block_size, kv_idx // block_size]
+
+    block_mask = BlockMask.from_kv_blocks(
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
+    out = _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scale)
+    if return_density:
+        return out, kept.float().mean()
+    return out
