@@ -18,6 +18,7 @@ from .compile import CompileConfig
 from .erta_cache import ErtaCacheConfig
 from .lazy import LazyConfig
 from .motion_cache import MotionCacheConfig
+from .region_adaptive import RegionAdaptiveConfig
 from .slicing import SlicingConfig
 from .sparse_attention import SparseAttentionConfig
 from .step_cache import StepCacheConfig
@@ -38,6 +39,7 @@ __all__ = [
     "ErtaCacheConfig",
     "LazyConfig",
     "MotionCacheConfig",
+    "RegionAdaptiveConfig",
     "SlicingConfig",
     "SparseAttentionConfig",
     "StepCacheConfig",

@@ -1,0 +1,382 @@
+"""Region-adaptive sampling (after RAS, "Region-Adaptive Sampling for Diffusion Transformers", 2025).
+
+Idea: from one denoising step to the next, the model's output changes a lot in some regions (the
+ones being "drawn" right now) and little elsewhere. So per step only the tokens of the regions with
+the largest expected change run through the block stack; the others reuse cached values.
+
+Design (per forward call of the transformer; state per CFG branch):
+
+* **Expected change**: a wrapper on the top-level forward captures the model *output* of every call
+  (noise / velocity prediction, latent space; DiT's learned-sigma channels are dropped). After the
+  call, ``score = mean |out_t - out_{t-1}|`` over the channels and the token's patch (``avg_pool``
+  to the token grid: ``(H/p, W/p)`` for DiT / PixArt, ``(F/pt, H/ph, W/pw)`` for Wan), shape
+  ``(B, N)``. The next step recomputes the tokens with the largest score (the output change of the
+  previous step is RAS's proxy for where the sample is changing now).
+* **Starvation**: per token, the number of steps since its cached residual was computed
+  (``age``). A token that would be reused for more than ``starvation_steps`` steps is recomputed
+  first (oldest first), ahead of the scored ones, so every region is refreshed periodically.
+  (With ``full_every - 1 <= starvation_steps``, the defaults, a full step always comes first;
+  the counter matters when ``full_every`` is larger.)
+* **Schedule**: the first ``warmup_steps``, the last ``final_steps`` and every ``full_every``-th
+  step (at most ``full_every - 1`` partial steps in a row) are full: every token runs through the
+  blocks and the per-token cache (block-stack residual ``h_out - h_in``) is refreshed.
+* **Partial steps** run the *whole block stack on* ``K = ceil(recompute_ratio * N)`` tokens per
+  sample, gathered at the first block's input (real compute saved: the attention and MLPs see K
+  tokens). DiT / PixArt add their positions before the blocks (nothing to gather); Wan's rotary
+  table rows and the per-token ``temb`` of Wan 2.2 TI2V are gathered (motion_cache's helpers).
+  After the last block, recomputed tokens take their new output; every other token gets its
+  current input plus its cached residual. The patch embedding and output head always run on all
+  tokens, so every token sees the current latent and timestep.
+* **The approximation**: recomputed tokens attend only to each other on a partial step, and reused
+  tokens carry a stale residual. ``recompute_ratio=1.0`` runs every token through the same
+  gather/scatter path and is bit-identical to the unmodified model (tested).
+
+Selection is ``topk`` on the device with a static ``K``: no device-to-host sync, static shapes.
+Each batch row (batched CFG included) picks its own tokens.
+
+Shared with :mod:`.motion_cache` (imported): Wan's rotary / temb gathering (``_rotary_mode``,
+``_reduce_rotary``, ``_gather_rows``), argument access (``_get_arg``, ``_set_arg``), Wan's patch
+size; and the image/video token grid from :mod:`.token_merge`. The partial-run machinery itself
+(gather at block 0, scatter after the last) follows motion_cache's but is rewritten here, since it
+lives inside motion_cache's handler closure.
+
+``handle.stats``: ``full_steps``, ``partial_steps`` (forward calls), ``tokens_recomputed`` (token
+rows run through the blocks, full steps included), ``tokens_reused``, ``skipped_fraction``.
+``handle.state_key`` names the per-branch state; its ``"cache"`` holds ``residual``, ``age`` and
+``hits`` (partial steps each token was recomputed in), ``"score"`` the latest expected change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.base import BlockIO, ModelAdapter
+from ..context import get_context
+from ..errors import DiffspeedError, IncompatibleMethodsError
+from ..hooks import wrap_forward
+from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
+from .motion_cache import _WAN, _gather_rows, _get_arg, _reduce_rotary, _rotary_mode, _set_arg
+from .motion_cache import patch_size as _wan_patch_size
+from .token_merge import token_grid as _token_grid
+
+_EPS = 1e-12
+_IMAGE_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+_VIDEO_CLASSES = ("WanTransformer3DModel",)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_STATE_REASON = (
+    "region_adaptive runs the blocks on a changing subset of tokens on partial steps and keeps a per-token "
+    "residual cache; {other} {why}; use one of them"
+)
+
+
+@dataclass(frozen=True)
+class RegionAdaptiveConfig(MethodConfig):
+    """Recompute the tokens whose model output changed most last step; reuse the rest (RAS).
+
+    recompute_ratio: fraction of tokens run through the blocks on a partial step; 1.0 = all (exact).
+    warmup_steps: the first steps are computed in full (they also seed the output-change score).
+    full_every: at most ``full_every - 1`` partial steps in a row; the next one is full.
+    final_steps: the last steps are computed in full; needs a known step count.
+    starvation_steps: a token reused for more than this many steps is recomputed first.
+    """
+
+    method: ClassVar[str] = "region_adaptive"
+    stage: ClassVar[Stage] = Stage.TOKENS
+    incompatible: ClassVar[dict[str, str]] = {
+        "motion_cache": _STATE_REASON.format(other="motion_cache", why="does the same with its own cache, and the "
+                                             "two would gather/scatter the same block stack"),
+        "token_merge": _STATE_REASON.format(other="token_merge", why="would merge within that changing subset"),
+        "step_cache": _STATE_REASON.format(other="step_cache", why="would cache a whole-stack residual of other tokens"),
+        "block_cache": _STATE_REASON.format(other="block_cache", why="would cache a middle residual of other tokens"),
+    }
+    compile_note: ClassVar[str] = (
+        "the full/partial schedule is host-side Python (two paths, each traced once); K is a static function "
+        "of the shape, and scoring/selection/gather/scatter are device ops: no dynamic shapes, no syncs"
+    )
+
+    recompute_ratio: float = 0.5
+    warmup_steps: int = 4
+    full_every: int = 5
+    final_steps: int = 1
+    starvation_steps: int = 4
+
+    def __post_init__(self) -> None:
+        r = self.recompute_ratio
+        if not _is_number(r) or not 0 < r <= 1:
+            raise DiffspeedError(
+                f"region_adaptive recompute_ratio must be in (0, 1] (e.g. 0.5; 1.0 recomputes every token), got {r!r}"
+            )
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 2:
+            raise DiffspeedError(
+                "region_adaptive warmup_steps must be an integer >= 2 (the score needs two model outputs), "
+                f"got {self.warmup_steps!r}"
+            )
+        if not _is_int(self.full_every) or self.full_every < 2:
+            raise DiffspeedError(
+                "region_adaptive full_every must be an integer >= 2 (1 would compute every step in full), "
+                f"got {self.full_every!r}"
+            )
+        if not _is_int(self.final_steps) or self.final_steps < 0:
+            raise DiffspeedError(f"region_adaptive final_steps must be an integer >= 0, got {self.final_steps!r}")
+        if not _is_int(self.starvation_steps) or self.starvation_steps < 1:
+            raise DiffspeedError(
+                "region_adaptive starvation_steps must be an integer >= 1 (steps a token may be reused), "
+                f"got {self.starvation_steps!r}"
+            )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _kind(model: nn.Module) -> str:
+    base = _unwrap(model)
+    for klass in type(base).__mro__:
+        if klass.__name__ in _IMAGE_CLASSES:
+            return "image"
+        if klass.__name__ in _VIDEO_CLASSES:
+            return "video"
+    raise DiffspeedError(
+        f"region_adaptive supports DiT / PixArt and Wan transformers; got {type(base).__name__}, whose token "
+        "grid it does not know"
+    )
+
+
+def output_change(out: torch.Tensor, prev: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """(B, N) expected change per token: mean ``|out - prev|`` over channels and the token's patch.
+
+    ``out`` / ``prev``: (B, C, H, W) with ``patch = (p, p)`` or (B, C, F, H, W) with ``(pt, ph, pw)``;
+    token order is that of the patch embedding (frame, row, column).
+    """
+    d = (out.detach().float() - prev.detach().float()).abs().mean(dim=1, keepdim=True)
+    pool = F.avg_pool2d if d.dim() == 4 else F.avg_pool3d
+    return pool(d, kernel_size=patch, stride=patch).flatten(1)
+
+
+def _output_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None
+
+
+@register_method(RegionAdaptiveConfig)
+def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapter: ModelAdapter) -> MethodHandle:
+    base = _unwrap(model)
+    kind = _kind(base)  # clear error for unsupported models
+    for other, reason in config.incompatible.items():
+        if other in applied_methods(model):
+            raise IncompatibleMethodsError(f"'region_adaptive' cannot be combined with {other!r}: {reason}")
+    blocks = adapter.blocks(model)
+    n_blocks = len(blocks)
+    if kind == "image":
+        p = int(base.config.patch_size)
+        patch: tuple[int, ...] = (p, p)
+    else:
+        patch = _wan_patch_size(base)
+
+    handle = MethodHandle(model, config)
+    ctx = get_context(model)
+    key = f"region_adaptive@{id(handle)}"
+    handle.state_key = key  # type: ignore[attr-defined]
+    stats = handle.stats
+    stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
+                  "skipped_fraction": 0.0})
+
+    def partial_allowed(st: dict) -> bool:
+        step, total = ctx.step_index, ctx.num_steps
+        if step < config.warmup_steps:
+            return False
+        if total is not None and step >= total - config.final_steps:
+            return False
+        if st.get("partials", 0) >= config.full_every - 1:
+            return False
+        return "cache" in st and "score" in st
+
+    def model_wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
+        st = ctx.state(key)
+        latent = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        ok = isinstance(latent, torch.Tensor) and latent.dim() == (4 if kind == "image" else 5)
+        st["plan"] = {"partial": ok and partial_allowed(st), "latent": latent if ok else None, "started": False}
+        try:
+            out = inner(*args, **kwargs)
+        finally:
+            st.pop("plan", None)
+        if ok:
+            y = _output_tensor(out)
+            if y is not None and y.dim() == latent.dim() and y.shape[0] == latent.shape[0]:
+                y = y[:, : latent.shape[1]].detach()  # DiT learned sigma: keep the noise channels
+                prev = st.get("prev_out")
+                if prev is not None and prev.shape == y.shape:
+                    st["score"] = output_change(y, prev, patch)
+                else:
+                    st.pop("score", None)
+                st["prev_out"] = y
+        return out
+
+    def select(st: dict, plan: dict, hidden: torch.Tensor, rotary: Any) -> bool:
+        """Decide this call's reduced token set (device ops only); False = run in full."""
+        cache = st.get("cache")
+        b, n = hidden.shape[:2]
+        if cache is None or cache["residual"].shape != hidden.shape:
+            return False
+        score = st.get("score")
+        if score is None or score.shape != (b, n):
+            return False
+        mode = _rotary_mode(_WAN, rotary, b, n) if kind == "video" else ("none" if rotary is None else None)
+        if mode is None:
+            return False
+        grid = _token_grid(base, plan["latent"].shape)
+        if grid[0] * grid[1] * grid[2] != n:
+            return False
+        k = min(n, max(1, math.ceil(config.recompute_ratio * n)))
+        score = score.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        age_now = cache["age"] + 1  # steps since the token's residual was computed, if reused now
+        stale = age_now > config.starvation_steps
+        top = score.amax(dim=1, keepdim=True)
+        prio = torch.where(stale, top + 1.0 + age_now.float(), score)  # starved first, oldest first
+        idx = prio.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        plan["idx"] = idx
+        plan["rotary"] = _reduce_rotary(rotary, mode, idx)
+        plan["k"] = k
+        return True
+
+    def reduce_args(plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        idx = plan["idx"]
+        if first:
+            hidden = plan["h_in"]
+            small = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            args, kwargs = _set_arg(args, kwargs, (0, io.hidden_arg), small)
+        if kind == "video":
+            if plan["rotary_present"]:
+                args, kwargs = _set_arg(args, kwargs, _WAN.rotary, plan["rotary"])
+            temb = _get_arg(args, kwargs, _WAN.temb)
+            if isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == plan["h_in"].shape[1]:
+                if "temb" not in plan:  # Wan 2.2 TI2V: per-token modulation (B, N, 6, D)
+                    plan["temb"] = _gather_rows(temb, idx)
+                args, kwargs = _set_arg(args, kwargs, _WAN.temb, plan["temb"])
+        return args, kwargs
+
+    def start(st: dict, plan: dict, io: BlockIO, args: tuple, kwargs: dict) -> None:
+        hidden, _ = io.get_states(args, kwargs)
+        plan["h_in"] = hidden
+        plan["started"] = True
+        rotary = _get_arg(args, kwargs, _WAN.rotary) if kind == "video" else None
+        plan["rotary_present"] = rotary is not None
+        b, n = hidden.shape[:2]
+        partial = plan["partial"] and hidden.dim() == 3 and select(st, plan, hidden, rotary)
+        plan["partial"] = partial
+        if partial:
+            k = plan["k"]
+            st["partials"] = st.get("partials", 0) + 1
+            stats["partial_steps"] += 1
+            stats["tokens_recomputed"] += b * k
+            stats["tokens_reused"] += b * (n - k)
+        else:
+            st["partials"] = 0
+            stats["full_steps"] += 1
+            stats["tokens_recomputed"] += b * n
+        total = stats["tokens_recomputed"] + stats["tokens_reused"]
+        stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
+
+    def finish_full(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_out, _ = io.split_output(out)
+        h_in = plan["h_in"]
+        if h_out.shape != h_in.shape or h_in.dim() != 3:
+            st.pop("cache", None)
+            return out
+        residual = h_out - h_in
+        old = st.get("cache")
+        if old is not None and old["hits"].shape == residual.shape[:2]:
+            hits = old["hits"]
+        else:
+            hits = torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)
+        st["cache"] = {
+            "residual": residual,
+            "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
+            "hits": hits,
+        }
+        return out
+
+    def finish_partial(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_small, encoder = io.split_output(out)
+        cache = st["cache"]
+        h_in, idx = plan["h_in"], plan["idx"]
+        idx_d = idx.unsqueeze(-1).expand(-1, -1, h_in.shape[-1])
+        res = cache["residual"]
+        new_res = h_small - h_in.gather(1, idx_d)
+        full = h_in + res  # reused tokens: current input + cached residual
+        full.scatter_(1, idx_d, h_small.to(full.dtype))
+        res.scatter_(1, idx_d, new_res.to(res.dtype))
+        age = cache["age"] + 1
+        age.scatter_(1, idx, 0)
+        cache["age"] = age
+        cache["hits"].scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
+        return io.make_output(full, encoder)
+
+    def kv_wrapper(name: str, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """attn1.to_k / to_v (image models): keys/values of every token, reused ones from the cache."""
+        out = inner(*args, **kwargs)
+        st = ctx.state(key)
+        plan = st.get("plan")
+        if plan is None or not plan["started"] or not isinstance(out, torch.Tensor) or out.dim() != 3:
+            return out
+        kv = st.setdefault("kv", {})
+        slot = (plan["block"], name)
+        if not plan["partial"]:
+            if out.shape == plan["h_in"].shape[:2] + out.shape[2:]:
+                kv[slot] = out
+            return out
+        cached = kv.get(slot)
+        idx = plan["idx"]
+        if cached is None or cached.shape[:2] != plan["h_in"].shape[:2] or cached.shape[2] != out.shape[2] \
+                or out.shape[1] != idx.shape[1]:
+            return out  # no cache: the recomputed tokens attend to each other only
+        cached.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out.to(cached.dtype))
+        return cached
+
+    def block_wrapper(i: int, io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        st = ctx.state(key)
+        plan = st.get("plan")
+        if plan is None or (i > 0 and not plan["started"]):
+            return inner(*args, **kwargs)  # a block called outside a model forward: untouched
+        plan["block"] = i
+        if i == 0:
+            start(st, plan, io, args, kwargs)
+        if plan["partial"]:
+            args, kwargs = reduce_args(plan, i == 0, io, args, kwargs)
+        out = inner(*args, **kwargs)
+        if i == n_blocks - 1:
+            out = finish_partial(st, plan, io, out) if plan["partial"] else finish_full(st, plan, io, out)
+            plan["started"] = False
+        return out
+
+    for i, (_, block, io) in enumerate(blocks):
+        fn = lambda inner, *a, _i=i, _io=io, **k: block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
+        handle.on_remove(wrap_forward(block, fn).remove)
+        attn = getattr(block, "attn1", None)
+        if kind == "image" and attn is not None:
+            for name in ("to_k", "to_v"):
+                proj = getattr(attn, name, None)
+                if isinstance(proj, nn.Module):
+                    kfn = lambda inner, *a, _n=name, **k: kv_wrapper(_n, inner, *a, **k)  # noqa: E731
+                    handle.on_remove(wrap_forward(proj, kfn).remove)
+    handle.on_remove(wrap_forward(base, model_wrapper).remove)
+    return handle
