@@ -18,6 +18,7 @@ from .compile import CompileConfig
 from .erta_cache import ErtaCacheConfig
 from .lazy import LazyConfig
 from .motion_cache import MotionCacheConfig
+from .quantize import QuantizeConfig
 from .region_adaptive import RegionAdaptiveConfig
 from .slicing import SlicingConfig
 from .sparse_attention import SparseAttentionConfig
@@ -39,6 +40,7 @@ __all__ = [
     "ErtaCacheConfig",
     "LazyConfig",
     "MotionCacheConfig",
+    "QuantizeConfig",
     "RegionAdaptiveConfig",
     "SlicingConfig",
     "SparseAttentionConfig",
