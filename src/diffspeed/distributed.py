@@ -54,10 +54,9 @@ import torch
 from torch import nn
 
 from .adapters.base import ModelAdapter, get_adapter
-from .context import get_context
-from .errors import DiffspeedError, NonFiniteOutputError
+from .errors import DiffspeedError
 from .models.bundle import Conditioning, LoadedModel
-from .sampler import StepCallback, flow_sigmas, generate, initial_noise
+from .sampler import StepCallback, _advance, _begin_sampling, _check_finite, _device_and_dtype, _model_input, generate
 
 __all__ = ["generate_distributed", "sample_cfg_parallel", "shard_bounds"]
 
@@ -191,50 +190,28 @@ def sample_cfg_parallel(
     if not seeds:
         raise DiffspeedError("at least one seed is needed")
     adapter = adapter or get_adapter(model)
-    param = next(model.parameters())
-    device = param.device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32),
-                 torch.float32)
+    device, dtype = _device_and_dtype(model)
     if latent_shape is None:
         latent_shape = adapter.default_latent_shape(model)
     _agree([len(seeds), num_steps, *[int(s) for s in seeds]], "(number of seeds, steps, seeds)", device, group)
 
     branch = "cond" if rank == 0 else "uncond"
     kwargs = condition.cond if rank == 0 else condition.uncond
-    x = initial_noise(seeds, latent_shape, device, torch.float32)
+    x, timesteps, sigmas, ctx = _begin_sampling(model, seeds, latent_shape, device, num_steps, shift, scheduler)
     batch = x.shape[0]
-    if scheduler is not None:
-        scheduler.set_timesteps(num_steps, device=device)
-        timesteps = [float(t) for t in scheduler.timesteps.detach().cpu()]
-        x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
-        sigmas = None
-    else:
-        sigmas = flow_sigmas(num_steps, shift)
-        timesteps = [float(s) * 1000.0 for s in sigmas[:-1]]
-
-    ctx = get_context(model)
-    ctx.begin(len(timesteps), explicit=True)
     try:
         for i, t in enumerate(timesteps):
-            model_in = x
-            if scheduler is not None and hasattr(scheduler, "scale_model_input"):
-                model_in = scheduler.scale_model_input(x, scheduler.timesteps[i])
+            model_in = _model_input(scheduler, x, i)
             t_vec = torch.full((batch,), t, device=device, dtype=torch.float32)
             ctx.set_step(i, t, branch)
             mine = adapter.predict(model, model_in.to(dtype), t_vec, kwargs).float()
             out_c, out_u = _gather_equal(mine, group)  # [rank 0 = cond, rank 1 = uncond]
             out = out_u + guidance_scale * (out_c - out_u)  # the same expression as the sampler
-            if scheduler is None:
-                x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * out
-            else:
-                x = scheduler.step(out, scheduler.timesteps[i], x, return_dict=False)[0]
+            x = _advance(scheduler, sigmas, i, out, x)
             if callback is not None:
                 callback(i, len(timesteps), t, x)
     finally:
         ctx.explicit = False
-    if check_finite and not torch.isfinite(x).all():
-        raise NonFiniteOutputError(
-            "the model produced NaN/Inf latents; check the recipe (e.g. too aggressive quantization) "
-            "and the dtype"
-        )
+    if check_finite:
+        _check_finite(x)
     return x

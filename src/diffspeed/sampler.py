@@ -44,6 +44,66 @@ def initial_noise(
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The model's device and compute dtype.
+
+    The compute dtype is the first floating dtype other than float32: some classes keep a few
+    modules in float32 (diffusers' _keep_in_fp32_modules).
+    """
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), torch.float32)
+    return device, dtype
+
+
+def _begin_sampling(
+    model: nn.Module,
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    device: torch.device,
+    num_steps: int,
+    shift: float,
+    scheduler: Any | None,
+) -> tuple[torch.Tensor, list[float], Any, Any]:
+    """Initial latents, timesteps and flow sigmas (None with a scheduler); declares the generation.
+
+    Returns ``(x, timesteps, sigmas, ctx)``; ``ctx`` (the model's step context) has begun an explicit
+    generation of ``len(timesteps)`` steps.
+    """
+    x = initial_noise(seeds, latent_shape, device, torch.float32)
+    if scheduler is not None:
+        scheduler.set_timesteps(num_steps, device=device)
+        timesteps = [float(t) for t in scheduler.timesteps.detach().cpu()]
+        x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        sigmas = None
+    else:
+        sigmas = flow_sigmas(num_steps, shift)
+        timesteps = [float(s) * 1000.0 for s in sigmas[:-1]]
+    ctx = get_context(model)
+    ctx.begin(len(timesteps), explicit=True)
+    return x, timesteps, sigmas, ctx
+
+
+def _model_input(scheduler: Any | None, x: torch.Tensor, i: int) -> torch.Tensor:
+    if scheduler is not None and hasattr(scheduler, "scale_model_input"):
+        return scheduler.scale_model_input(x, scheduler.timesteps[i])
+    return x
+
+
+def _advance(scheduler: Any | None, sigmas: Any, i: int, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One step: flow-matching Euler (no scheduler) or the scheduler's own step."""
+    if scheduler is None:
+        return x + (float(sigmas[i + 1]) - float(sigmas[i])) * out
+    return scheduler.step(out, scheduler.timesteps[i], x, return_dict=False)[0]
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteOutputError(
+            "the model produced NaN/Inf latents; check the recipe (e.g. too aggressive quantization) "
+            "and the dtype"
+        )
+
+
 def _cat_kwargs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, va in a.items():
@@ -93,28 +153,14 @@ def sample(
     use_cfg = guidance_scale > 1.0
     if use_cfg and condition.uncond is None:
         raise DiffspeedError("guidance scale > 1 needs an unconditional condition (condition.uncond is None)")
-    param = next(model.parameters())
-    # the compute dtype: some classes keep a few modules in float32 (diffusers' _keep_in_fp32_modules)
-    device = param.device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), torch.float32)
+    device, dtype = _device_and_dtype(model)
     if latent_shape is None:
         latent_shape = adapter.default_latent_shape(model)
     if not seeds:
         raise DiffspeedError("at least one seed is needed")
-    x = initial_noise(seeds, latent_shape, device, torch.float32)
+    x, timesteps, sigmas, ctx = _begin_sampling(model, seeds, latent_shape, device, num_steps, shift, scheduler)
     batch = x.shape[0]
 
-    if scheduler is not None:
-        scheduler.set_timesteps(num_steps, device=device)
-        timesteps = [float(t) for t in scheduler.timesteps.detach().cpu()]
-        x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
-        sigmas = None
-    else:
-        sigmas = flow_sigmas(num_steps, shift)
-        timesteps = [float(s) * 1000.0 for s in sigmas[:-1]]
-
-    ctx = get_context(model)
-    ctx.begin(len(timesteps), explicit=True)
     cond_kw = condition.cond
     uncond_kw = condition.uncond
     batched_kw = _cat_kwargs(uncond_kw, cond_kw) if use_cfg and cfg_mode == "batched" else None
@@ -131,9 +177,7 @@ def sample(
     try:
         for i in steps_iter:
             t = timesteps[i]
-            model_in = x
-            if scheduler is not None and hasattr(scheduler, "scale_model_input"):
-                model_in = scheduler.scale_model_input(x, scheduler.timesteps[i])
+            model_in = _model_input(scheduler, x, i)
             t_vec = torch.full((batch,), t, device=device, dtype=torch.float32)
             if not use_cfg:
                 ctx.set_step(i, t, "cond")
@@ -149,10 +193,7 @@ def sample(
                 ctx.set_step(i, t, "uncond")
                 out_u = adapter.predict(model, model_in.to(dtype), t_vec, uncond_kw).float()
                 out = out_u + guidance_scale * (out_c - out_u)
-            if scheduler is None:
-                x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * out
-            else:
-                x = scheduler.step(out, scheduler.timesteps[i], x, return_dict=False)[0]
+            x = _advance(scheduler, sigmas, i, out, x)
             if callback is not None:
                 callback(i, len(timesteps), t, x)
             if bar is not None:
@@ -161,11 +202,8 @@ def sample(
         if bar is not None:
             bar.stop()
         ctx.explicit = False
-    if check_finite and not torch.isfinite(x).all():
-        raise NonFiniteOutputError(
-            "the model produced NaN/Inf latents; check the recipe (e.g. too aggressive quantization) "
-            "and the dtype"
-        )
+    if check_finite:
+        _check_finite(x)
     return x
 
 

@@ -72,11 +72,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import BlockIO, ModelAdapter
+from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
+from .token_subset import (  # noqa: F401  (re-exported: token_merge imports the argument helpers from here)
+    _COGVIDEOX,
+    _WAN,
+    TokenSubsetRunner,
+    _Family,
+    _gather_rows,
+    _get_arg,
+    _reduce_rotary,
+    _rotary_mode,
+    _set_arg,
+)
 
 _EPS = 1e-12
 
@@ -159,20 +170,7 @@ class MotionCacheConfig(MethodConfig):
             raise DiffspeedError(f"motion_cache final_steps must be an integer >= 0, got {self.final_steps!r}")
 
 
-# ---- model families -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Family:
-    """Where one video family keeps what motion_cache needs."""
-
-    name: str
-    latent_layout: str  # "cfhw": (B, C, F, H, W) (Wan); "fchw": (B, F, C, H, W) (CogVideoX)
-    # block call arguments as (position, keyword)
-    temb: tuple[int, str]
-    rotary: tuple[int, str]
-
-
-_WAN = _Family("wan", "cfhw", temb=(2, "temb"), rotary=(3, "rotary_emb"))
-_COGVIDEOX = _Family("cogvideox", "fchw", temb=(2, "temb"), rotary=(3, "image_rotary_emb"))
+# ---- model families (defined in .token_subset) ---------------------------------------------------
 _FAMILIES = {"WanTransformer3DModel": _WAN, "CogVideoXTransformer3DModel": _COGVIDEOX}
 
 
@@ -242,57 +240,6 @@ def _rel_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per-token relative L1 change (B, T, D) -> (B, T), float32."""
     new, old = new.float(), old.float()
     return (new - old).abs().mean(dim=-1) / old.abs().mean(dim=-1).clamp_min(_EPS)
-
-
-def _get_arg(args: tuple, kwargs: dict, spec: tuple[int, str]) -> Any:
-    pos, name = spec
-    if name in kwargs:
-        return kwargs[name]
-    return args[pos] if len(args) > pos else None
-
-
-def _set_arg(args: tuple, kwargs: dict, spec: tuple[int, str], value: Any) -> tuple[tuple, dict]:
-    pos, name = spec
-    if name in kwargs or len(args) <= pos:
-        kwargs = dict(kwargs)
-        kwargs[name] = value
-        return args, kwargs
-    args = args[:pos] + (value,) + args[pos + 1 :]
-    return args, kwargs
-
-
-def _rotary_mode(fam: _Family, rotary: Any, batch: int, n: int) -> str | None:
-    """How the rotary table's token axis can be reduced: "none", "row", "shared", or None (unsupported)."""
-    if rotary is None:
-        return "none"
-    parts = rotary if isinstance(rotary, (tuple, list)) else (rotary,)
-    if not all(isinstance(t, torch.Tensor) for t in parts):
-        return None
-    if fam is _WAN and all(t.dim() >= 2 and t.shape[0] in (1, batch) and t.shape[1] == n for t in parts):
-        return "row"  # (1 or B, N, 1, d): gather per row
-    if fam is _COGVIDEOX and all(t.dim() == 2 and t.shape[0] == n for t in parts):
-        return "shared"  # (N, d): one selection for the whole batch
-    return None
-
-
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t: (1 or B, N, ...), idx: (B, K) -> (B, K, ...)."""
-    if t.shape[0] == 1:
-        return t[0][idx]
-    bidx = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
-    return t[bidx, idx]
-
-
-def _reduce_rotary(rotary: Any, mode: str, idx: torch.Tensor) -> Any:
-    if mode == "none":
-        return rotary
-    if mode == "row":
-        fn = lambda t: _gather_rows(t, idx)  # noqa: E731
-    else:
-        fn = lambda t: t[idx[0]]  # noqa: E731
-    if isinstance(rotary, (tuple, list)):
-        return type(rotary)(fn(t) for t in rotary)
-    return fn(rotary)
 
 
 @register_method(MotionCacheConfig)
@@ -366,100 +313,20 @@ def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: Mod
         plan["k"] = k
         return True
 
-    def reduce_args(plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        idx = plan["idx"]
-        if first:
-            hidden = plan["h_in"]
-            small = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            args, kwargs = _set_arg(args, kwargs, (0, io.hidden_arg), small)
-        if plan["rotary_present"]:
-            args, kwargs = _set_arg(args, kwargs, fam.rotary, plan["rotary"])
-        temb = _get_arg(args, kwargs, fam.temb)
-        per_token = isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == plan["h_in"].shape[1]
-        if fam is _WAN and per_token:
-            if "temb" not in plan:  # Wan 2.2 TI2V: per-token modulation (B, N, 6, D)
-                plan["temb"] = _gather_rows(temb, idx)
-            args, kwargs = _set_arg(args, kwargs, fam.temb, plan["temb"])
-        return args, kwargs
-
-    def start(st: dict, plan: dict, io: BlockIO, args: tuple, kwargs: dict) -> None:
-        hidden, _ = io.get_states(args, kwargs)
-        plan["h_in"] = hidden
-        plan["started"] = True
-        rotary = _get_arg(args, kwargs, fam.rotary)
-        plan["rotary_present"] = rotary is not None
-        b, n = hidden.shape[:2]
-        partial = plan["partial"] and select(st, plan, hidden, rotary)
-        plan["partial"] = partial
-        if partial:
-            k = plan["k"]
-            st["partials"] = st.get("partials", 0) + 1
-            stats["partial_steps"] += 1
-            stats["tokens_recomputed"] += b * k
-            stats["tokens_reused"] += b * (n - k)
-        else:
-            st["partials"] = 0
-            stats["full_steps"] += 1
-            stats["tokens_recomputed"] += b * n
-        total = stats["tokens_recomputed"] + stats["tokens_reused"]
-        stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
-
-    def finish_full(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
-        h_out, _ = io.split_output(out)
-        h_in = plan["h_in"]
-        if h_out.shape != h_in.shape:
-            st.pop("cache", None)
-            return out
-        residual = h_out - h_in
-        old = st.get("cache")
+    def cache_fields(old: Any, residual: torch.Tensor) -> dict:
         if old is not None and old["residual"].shape == residual.shape:
-            change, hits = _rel_change(residual, old["residual"]), old["hits"]
-        else:
-            change = residual.new_zeros(residual.shape[:2], dtype=torch.float32)
-            hits = torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)
-        st["cache"] = {
-            "residual": residual,
-            "change": change,
-            "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
-            "hits": hits,
+            return {"change": _rel_change(residual, old["residual"]), "hits": old["hits"]}
+        return {
+            "change": residual.new_zeros(residual.shape[:2], dtype=torch.float32),
+            "hits": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
         }
-        return out
 
-    def finish_partial(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
-        h_small, encoder = io.split_output(out)
-        cache = st["cache"]
-        h_in, idx = plan["h_in"], plan["idx"]
-        idx_d = idx.unsqueeze(-1).expand(-1, -1, h_in.shape[-1])
-        res = cache["residual"]
-        new_res = h_small - h_in.gather(1, idx_d)
-        change = _rel_change(new_res, res.gather(1, idx_d))
-        full = h_in + res  # reused tokens: current input + cached residual
-        full.scatter_(1, idx_d, h_small.to(full.dtype))
-        res.scatter_(1, idx_d, new_res.to(res.dtype))
-        cache["change"].scatter_(1, idx, change)
-        age = cache["age"] + 1
-        age.scatter_(1, idx, 0)
-        cache["age"] = age
-        cache["hits"].scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
-        return io.make_output(full, encoder)
+    def on_partial_residual(cache: dict, res: torch.Tensor, new_res: torch.Tensor, idx_d: torch.Tensor,
+                            idx: torch.Tensor) -> None:
+        cache["change"].scatter_(1, idx, _rel_change(new_res, res.gather(1, idx_d)))
 
-    def block_wrapper(i: int, io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        st = ctx.state(key)
-        plan = st.get("plan")
-        if plan is None or (i > 0 and not plan["started"]):
-            return inner(*args, **kwargs)  # a block called outside a model forward: untouched
-        if i == 0:
-            start(st, plan, io, args, kwargs)
-        if plan["partial"]:
-            args, kwargs = reduce_args(plan, i == 0, io, args, kwargs)
-        out = inner(*args, **kwargs)
-        if i == n_blocks - 1:
-            out = finish_partial(st, plan, io, out) if plan["partial"] else finish_full(st, plan, io, out)
-            plan["started"] = False
-        return out
-
+    runner = TokenSubsetRunner(ctx, key, stats, n_blocks, fam, select, cache_fields, on_partial_residual)
     for i, (_, block, io) in enumerate(blocks):
-        fn = lambda inner, *a, _i=i, _io=io, **k: block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
-        handle.on_remove(wrap_forward(block, fn).remove)
+        runner.wrap_block(handle, i, block, io)
     handle.on_remove(wrap_forward(base, model_wrapper).remove)
     return handle

@@ -23,7 +23,7 @@ Design (per forward call of the transformer; state per CFG branch):
 * **Partial steps** run the *whole block stack on* ``K = ceil(recompute_ratio * N)`` tokens per
   sample, gathered at the first block's input (real compute saved: the attention and MLPs see K
   tokens). DiT / PixArt add their positions before the blocks (nothing to gather); Wan's rotary
-  table rows and the per-token ``temb`` of Wan 2.2 TI2V are gathered (motion_cache's helpers).
+  table rows and the per-token ``temb`` of Wan 2.2 TI2V are gathered (:mod:`.token_subset`).
   After the last block, recomputed tokens take their new output; every other token gets its
   current input plus its cached residual. The patch embedding and output head always run on all
   tokens, so every token sees the current latent and timestep.
@@ -34,11 +34,11 @@ Design (per forward call of the transformer; state per CFG branch):
 Selection is ``topk`` on the device with a static ``K``: no device-to-host sync, static shapes.
 Each batch row (batched CFG included) picks its own tokens.
 
-Shared with :mod:`.motion_cache` (imported): Wan's rotary / temb gathering (``_rotary_mode``,
-``_reduce_rotary``, ``_gather_rows``), argument access (``_get_arg``, ``_set_arg``), Wan's patch
-size; and the image/video token grid from :mod:`.token_merge`. The partial-run machinery itself
-(gather at block 0, scatter after the last) follows motion_cache's but is rewritten here, since it
-lives inside motion_cache's handler closure.
+Shared with :mod:`.motion_cache` through :mod:`.token_subset`: the partial-run machinery
+(:class:`~.token_subset.TokenSubsetRunner`: gather at block 0, Wan's rotary / temb gathering,
+scatter after the last block, statistics); from :mod:`.motion_cache` Wan's patch size and from
+:mod:`.token_merge` the image/video token grid. This module keeps only its selection policy
+(``select``), its output-change score and the image models' key/value cache.
 
 ``handle.stats``: ``full_steps``, ``partial_steps`` (forward calls), ``tokens_recomputed`` (token
 rows run through the blocks, full steps included), ``tokens_reused``, ``skipped_fraction``.
@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import BlockIO, ModelAdapter
+from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
-from .motion_cache import _WAN, _gather_rows, _get_arg, _reduce_rotary, _rotary_mode, _set_arg
 from .motion_cache import patch_size as _wan_patch_size
+from .token_subset import _WAN, TokenSubsetRunner, _reduce_rotary, _rotary_mode
 from .token_merge import token_grid as _token_grid
 
 _EPS = 1e-12
@@ -258,78 +258,13 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
         plan["k"] = k
         return True
 
-    def reduce_args(plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        idx = plan["idx"]
-        if first:
-            hidden = plan["h_in"]
-            small = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            args, kwargs = _set_arg(args, kwargs, (0, io.hidden_arg), small)
-        if kind == "video":
-            if plan["rotary_present"]:
-                args, kwargs = _set_arg(args, kwargs, _WAN.rotary, plan["rotary"])
-            temb = _get_arg(args, kwargs, _WAN.temb)
-            if isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == plan["h_in"].shape[1]:
-                if "temb" not in plan:  # Wan 2.2 TI2V: per-token modulation (B, N, 6, D)
-                    plan["temb"] = _gather_rows(temb, idx)
-                args, kwargs = _set_arg(args, kwargs, _WAN.temb, plan["temb"])
-        return args, kwargs
-
-    def start(st: dict, plan: dict, io: BlockIO, args: tuple, kwargs: dict) -> None:
-        hidden, _ = io.get_states(args, kwargs)
-        plan["h_in"] = hidden
-        plan["started"] = True
-        rotary = _get_arg(args, kwargs, _WAN.rotary) if kind == "video" else None
-        plan["rotary_present"] = rotary is not None
-        b, n = hidden.shape[:2]
-        partial = plan["partial"] and hidden.dim() == 3 and select(st, plan, hidden, rotary)
-        plan["partial"] = partial
-        if partial:
-            k = plan["k"]
-            st["partials"] = st.get("partials", 0) + 1
-            stats["partial_steps"] += 1
-            stats["tokens_recomputed"] += b * k
-            stats["tokens_reused"] += b * (n - k)
-        else:
-            st["partials"] = 0
-            stats["full_steps"] += 1
-            stats["tokens_recomputed"] += b * n
-        total = stats["tokens_recomputed"] + stats["tokens_reused"]
-        stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
-
-    def finish_full(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
-        h_out, _ = io.split_output(out)
-        h_in = plan["h_in"]
-        if h_out.shape != h_in.shape or h_in.dim() != 3:
-            st.pop("cache", None)
-            return out
-        residual = h_out - h_in
-        old = st.get("cache")
+    def cache_fields(old: Any, residual: torch.Tensor) -> dict:
         if old is not None and old["hits"].shape == residual.shape[:2]:
-            hits = old["hits"]
-        else:
-            hits = torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)
-        st["cache"] = {
-            "residual": residual,
-            "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
-            "hits": hits,
-        }
-        return out
+            return {"hits": old["hits"]}
+        return {"hits": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)}
 
-    def finish_partial(st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
-        h_small, encoder = io.split_output(out)
-        cache = st["cache"]
-        h_in, idx = plan["h_in"], plan["idx"]
-        idx_d = idx.unsqueeze(-1).expand(-1, -1, h_in.shape[-1])
-        res = cache["residual"]
-        new_res = h_small - h_in.gather(1, idx_d)
-        full = h_in + res  # reused tokens: current input + cached residual
-        full.scatter_(1, idx_d, h_small.to(full.dtype))
-        res.scatter_(1, idx_d, new_res.to(res.dtype))
-        age = cache["age"] + 1
-        age.scatter_(1, idx, 0)
-        cache["age"] = age
-        cache["hits"].scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
-        return io.make_output(full, encoder)
+    runner = TokenSubsetRunner(ctx, key, stats, n_blocks, _WAN if kind == "video" else None, select, cache_fields,
+                               require_3d=True)
 
     def kv_wrapper(name: str, inner: Any, *args: Any, **kwargs: Any) -> Any:
         """attn1.to_k / to_v (image models): keys/values of every token, reused ones from the cache."""
@@ -352,25 +287,8 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
         cached.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out.to(cached.dtype))
         return cached
 
-    def block_wrapper(i: int, io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        st = ctx.state(key)
-        plan = st.get("plan")
-        if plan is None or (i > 0 and not plan["started"]):
-            return inner(*args, **kwargs)  # a block called outside a model forward: untouched
-        plan["block"] = i
-        if i == 0:
-            start(st, plan, io, args, kwargs)
-        if plan["partial"]:
-            args, kwargs = reduce_args(plan, i == 0, io, args, kwargs)
-        out = inner(*args, **kwargs)
-        if i == n_blocks - 1:
-            out = finish_partial(st, plan, io, out) if plan["partial"] else finish_full(st, plan, io, out)
-            plan["started"] = False
-        return out
-
     for i, (_, block, io) in enumerate(blocks):
-        fn = lambda inner, *a, _i=i, _io=io, **k: block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
-        handle.on_remove(wrap_forward(block, fn).remove)
+        runner.wrap_block(handle, i, block, io)
         attn = getattr(block, "attn1", None)
         if kind == "image" and attn is not None:
             for name in ("to_k", "to_v"):

@@ -1,0 +1,223 @@
+"""Running a transformer's block stack on a per-row subset of its tokens (shared by the token-reuse methods).
+
+:mod:`.motion_cache` and :mod:`.region_adaptive` both recompute, on a *partial* step, only ``K``
+tokens per batch row and give every other token its current input plus a cached block-stack
+residual. They differ only in *which* tokens they pick (their selection policy) and in the extra
+per-token values they keep in their cache. What they share lives here:
+
+* argument access on block calls (:func:`_get_arg`, :func:`_set_arg`);
+* the video families' block arguments (:class:`_Family`, ``_WAN``, ``_COGVIDEOX``) and the gathering
+  of their rotary tables / Wan 2.2 TI2V per-token ``temb`` (:func:`_rotary_mode`,
+  :func:`_reduce_rotary`, :func:`_gather_rows`);
+* :class:`TokenSubsetRunner`: the gather at the first block's input, the reduced arguments of every
+  block call, the residual cache refresh after a full run and the scatter after a partial run, plus
+  the ``full_steps`` / ``partial_steps`` / ``tokens_*`` / ``skipped_fraction`` statistics.
+
+A method supplies ``select(st, plan, hidden, rotary) -> bool`` which, when it returns True, has put
+``plan["idx"]`` (B, K) sorted token indices, ``plan["rotary"]`` (the reduced rotary table) and
+``plan["k"]`` into the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapters.base import BlockIO
+from ..hooks import wrap_forward
+from .base import MethodHandle
+
+
+# ---- model families -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    """Where one video family keeps what the token-subset methods need."""
+
+    name: str
+    latent_layout: str  # "cfhw": (B, C, F, H, W) (Wan); "fchw": (B, F, C, H, W) (CogVideoX)
+    # block call arguments as (position, keyword)
+    temb: tuple[int, str]
+    rotary: tuple[int, str]
+
+
+_WAN = _Family("wan", "cfhw", temb=(2, "temb"), rotary=(3, "rotary_emb"))
+_COGVIDEOX = _Family("cogvideox", "fchw", temb=(2, "temb"), rotary=(3, "image_rotary_emb"))
+
+
+def _get_arg(args: tuple, kwargs: dict, spec: tuple[int, str]) -> Any:
+    pos, name = spec
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else None
+
+
+def _set_arg(args: tuple, kwargs: dict, spec: tuple[int, str], value: Any) -> tuple[tuple, dict]:
+    pos, name = spec
+    if name in kwargs or len(args) <= pos:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+        return args, kwargs
+    args = args[:pos] + (value,) + args[pos + 1 :]
+    return args, kwargs
+
+
+def _rotary_mode(fam: _Family, rotary: Any, batch: int, n: int) -> str | None:
+    """How the rotary table's token axis can be reduced: "none", "row", "shared", or None (unsupported)."""
+    if rotary is None:
+        return "none"
+    parts = rotary if isinstance(rotary, (tuple, list)) else (rotary,)
+    if not all(isinstance(t, torch.Tensor) for t in parts):
+        return None
+    if fam is _WAN and all(t.dim() >= 2 and t.shape[0] in (1, batch) and t.shape[1] == n for t in parts):
+        return "row"  # (1 or B, N, 1, d): gather per row
+    if fam is _COGVIDEOX and all(t.dim() == 2 and t.shape[0] == n for t in parts):
+        return "shared"  # (N, d): one selection for the whole batch
+    return None
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t: (1 or B, N, ...), idx: (B, K) -> (B, K, ...)."""
+    if t.shape[0] == 1:
+        return t[0][idx]
+    bidx = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+    return t[bidx, idx]
+
+
+def _reduce_rotary(rotary: Any, mode: str, idx: torch.Tensor) -> Any:
+    if mode == "none":
+        return rotary
+    if mode == "row":
+        fn = lambda t: _gather_rows(t, idx)  # noqa: E731
+    else:
+        fn = lambda t: t[idx[0]]  # noqa: E731
+    if isinstance(rotary, (tuple, list)):
+        return type(rotary)(fn(t) for t in rotary)
+    return fn(rotary)
+
+
+# ---- the partial-run machinery ------------------------------------------------------------------
+Select = Callable[[dict, dict, torch.Tensor, Any], bool]
+CacheFields = Callable[[Any, torch.Tensor], dict]
+PartialHook = Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class TokenSubsetRunner:
+    """Gathers a per-row token subset at block 0, reduces every block call, scatters after the last block.
+
+    The per-forward ``plan`` (in ``ctx.state(key)["plan"]``, set by the method's model wrapper with
+    ``partial``, ``latent`` and ``started``) drives it; the per-branch ``"cache"`` holds
+    ``residual``, ``age`` and ``hits`` plus what ``cache_fields`` adds.
+
+    fam: the video family whose rotary / temb block arguments are reduced; None = none (image models).
+    select: the method's selection policy (see the module docstring).
+    cache_fields: ``(old_cache, residual) -> dict`` of extra entries stored after a full run.
+    on_partial_residual: ``(cache, residual, new_res, idx_d, idx)`` called after a partial run,
+        before the cached residual is updated (``residual`` still holds the old values).
+    require_3d: keep the cache only for (B, N, D) hidden states.
+    """
+
+    def __init__(self, ctx: Any, key: str, stats: dict, n_blocks: int, fam: _Family | None, select: Select,
+                 cache_fields: CacheFields, on_partial_residual: PartialHook | None = None,
+                 require_3d: bool = False) -> None:
+        self.ctx, self.key, self.stats, self.n_blocks, self.fam = ctx, key, stats, n_blocks, fam
+        self.select, self.cache_fields, self.on_partial_residual = select, cache_fields, on_partial_residual
+        self.require_3d = require_3d
+
+    def reduce_args(self, plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        idx = plan["idx"]
+        fam = self.fam
+        if first:
+            hidden = plan["h_in"]
+            small = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            args, kwargs = _set_arg(args, kwargs, (0, io.hidden_arg), small)
+        if fam is None:
+            return args, kwargs
+        if plan["rotary_present"]:
+            args, kwargs = _set_arg(args, kwargs, fam.rotary, plan["rotary"])
+        if fam is _WAN:
+            temb = _get_arg(args, kwargs, fam.temb)
+            if isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == plan["h_in"].shape[1]:
+                if "temb" not in plan:  # Wan 2.2 TI2V: per-token modulation (B, N, 6, D)
+                    plan["temb"] = _gather_rows(temb, idx)
+                args, kwargs = _set_arg(args, kwargs, fam.temb, plan["temb"])
+        return args, kwargs
+
+    def start(self, st: dict, plan: dict, io: BlockIO, args: tuple, kwargs: dict) -> None:
+        stats = self.stats
+        hidden, _ = io.get_states(args, kwargs)
+        plan["h_in"] = hidden
+        plan["started"] = True
+        rotary = _get_arg(args, kwargs, self.fam.rotary) if self.fam is not None else None
+        plan["rotary_present"] = rotary is not None
+        b, n = hidden.shape[:2]
+        partial = (plan["partial"] and (not self.require_3d or hidden.dim() == 3)
+                   and self.select(st, plan, hidden, rotary))
+        plan["partial"] = partial
+        if partial:
+            k = plan["k"]
+            st["partials"] = st.get("partials", 0) + 1
+            stats["partial_steps"] += 1
+            stats["tokens_recomputed"] += b * k
+            stats["tokens_reused"] += b * (n - k)
+        else:
+            st["partials"] = 0
+            stats["full_steps"] += 1
+            stats["tokens_recomputed"] += b * n
+        total = stats["tokens_recomputed"] + stats["tokens_reused"]
+        stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
+
+    def finish_full(self, st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_out, _ = io.split_output(out)
+        h_in = plan["h_in"]
+        if h_out.shape != h_in.shape or (self.require_3d and h_in.dim() != 3):
+            st.pop("cache", None)
+            return out
+        residual = h_out - h_in
+        extra = self.cache_fields(st.get("cache"), residual)
+        st["cache"] = {
+            "residual": residual,
+            **extra,
+            "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
+        }
+        return out
+
+    def finish_partial(self, st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
+        h_small, encoder = io.split_output(out)
+        cache = st["cache"]
+        h_in, idx = plan["h_in"], plan["idx"]
+        idx_d = idx.unsqueeze(-1).expand(-1, -1, h_in.shape[-1])
+        res = cache["residual"]
+        new_res = h_small - h_in.gather(1, idx_d)
+        if self.on_partial_residual is not None:
+            self.on_partial_residual(cache, res, new_res, idx_d, idx)
+        full = h_in + res  # reused tokens: current input + cached residual
+        full.scatter_(1, idx_d, h_small.to(full.dtype))
+        res.scatter_(1, idx_d, new_res.to(res.dtype))
+        age = cache["age"] + 1
+        age.scatter_(1, idx, 0)
+        cache["age"] = age
+        cache["hits"].scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
+        return io.make_output(full, encoder)
+
+    def block_wrapper(self, i: int, io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.ctx.state(self.key)
+        plan = st.get("plan")
+        if plan is None or (i > 0 and not plan["started"]):
+            return inner(*args, **kwargs)  # a block called outside a model forward: untouched
+        plan["block"] = i
+        if i == 0:
+            self.start(st, plan, io, args, kwargs)
+        if plan["partial"]:
+            args, kwargs = self.reduce_args(plan, i == 0, io, args, kwargs)
+        out = inner(*args, **kwargs)
+        if i == self.n_blocks - 1:
+            out = self.finish_partial(st, plan, io, out) if plan["partial"] else self.finish_full(st, plan, io, out)
+            plan["started"] = False
+        return out
+
+    def wrap_block(self, handle: MethodHandle, i: int, block: nn.Module, io: BlockIO) -> None:
+        fn = lambda inner, *a, _i=i, _io=io, **k: self.block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
+        handle.on_remove(wrap_forward(block, fn).remove)
