@@ -68,18 +68,18 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from diffspeed.bench.runner import write_json  # noqa: E402
+from diffspeed.bench.script import device_and_dtype, once, sdpa_backends, start_watchdog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "attention.json"
@@ -217,29 +217,9 @@ def structured_inputs(cap: dict[str, Any], n: int, heads: int, head_dim: int) ->
 # ---- SDPA helpers ----------------------------------------------------------------------------------
 
 
-def _backends() -> list[tuple[str, Any]]:
-    from torch.nn.attention import SDPBackend
-
-    names = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
-             ("math", "MATH"))
-    return [(n, getattr(SDPBackend, a)) for n, a in names if hasattr(SDPBackend, a)]
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     o, r = out.float(), ref.float()
     return float((o - r).norm() / r.norm().clamp_min(1e-30))
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(rows, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def make_plot(rows: list[dict[str, Any]], path: str) -> str | None:
@@ -286,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffspeed.bench.timing import time_callable
     from diffspeed.kernels.sparse_attn import flex_available, flex_block_sparse_attention
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
     head_dims = [int(s) for s in args.head_dims.split(",") if s.strip()]
     inputs_wanted = [s.strip() for s in args.inputs.split(",") if s.strip()]
@@ -316,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     failed: list[str] = []
-    lock = threading.Lock()
-    finished = {"done": False}
     info: dict[str, Any] = {}
 
     def summarize(truncated: bool) -> dict[str, Any]:
@@ -334,13 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             "plot": info.get("plot"), "elapsed_s": round(time.perf_counter() - _T0, 1),
         }
 
-    def finish(truncated: bool) -> bool:
-        with lock:
-            if finished["done"]:
-                return False
-            finished["done"] = True
+    @once
+    def finish(truncated: bool) -> None:
         snap = list(rows)
-        write_rows(snap, out_path)
+        write_json(snap, out_path)
         if args.plot:
             try:
                 info["plot"] = make_plot(snap, args.plot)
@@ -351,16 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{json.dumps(r['settings']):<70} {r['ms']:9.3f} ms  x{(r['speedup'] or 0):5.2f}  "
                 f"err {r['rel_error'] if r['rel_error'] is None else round(r['rel_error'], 5)}  dens {r['density']}")
         print(json.dumps(summarize(truncated), default=str), flush=True)
-        return True
 
-    def watchdog() -> None:
-        log(f"hard limit {args.hard_limit_s:.0f} s reached: writing what was measured and exiting")
-        if finish(True):
-            os._exit(0)
-
-    timer = threading.Timer(max(1.0, args.hard_limit_s - (time.perf_counter() - _T0)), watchdog)
-    timer.daemon = True
-    timer.start()
+    timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
 
     cap = None
     if "structured" in inputs_wanted:
@@ -416,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 dense: dict[str, float] = {}
                 dense_err: dict[str, str] = {}
                 best_out = None
-                for name, backend in _backends():
+                for name, backend in sdpa_backends():
                     if name == "math" and device.type == "cuda":
                         continue
                     if device.type != "cuda" and name != "math":
@@ -445,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                              "ms": dense_ms, "speedup": 1.0, "rel_error": rel_err(best_out, ref), "density": 1.0,
                              "compile_s": None})
                 log(f"{n} d{hd} {kind}: dense {used} {dense_ms:.3f} ms ({dense})")
-                write_rows(rows, out_path)
+                write_json(rows, out_path)
                 del best_out
                 for st in settings:
                     kw = dict(block_size=st["block_size"], threshold=st["threshold"],
@@ -464,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = rows[-1]
                         log(f"  flex {kw}: {r['ms']:.3f} ms x{r['speedup']:.2f} err {r['rel_error']:.4f} "
                             f"density {r['density']:.3f}")
-                        write_rows(rows, out_path)
+                        write_json(rows, out_path)
                         del out
                     except Exception as exc:  # noqa: BLE001
                         msg = f"{n} d{hd} {kind} flex {kw}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -90,6 +90,8 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
 
 import torch  # noqa: E402
 
+from diffspeed.bench.script import fmt as _f, once, start_watchdog  # noqa: E402
+
 PSNR_BAR = 30.0  # dB: the fidelity bar of the summary
 IDENTICAL_PSNR = 100.0  # where bit-identical outputs are drawn in the plot
 
@@ -744,15 +746,6 @@ def run_overhead(args: argparse.Namespace, device: torch.device, rows: list[dict
 # ---- output ------------------------------------------------------------------------------------
 
 
-def _f(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def _pct(value: Any) -> float | None:
     return None if value is None else 100.0 * value
 
@@ -958,17 +951,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     budget = Budget(args.budget_s)
     lock = threading.Lock()
-    finished = {"done": False}
 
     def writer() -> None:
         with lock:
             write_json(list(rows), args.out)
 
+    @once
     def finish(truncated: bool) -> None:
-        with lock:
-            if finished["done"]:
-                return
-            finished["done"] = True
         if truncated:
             budget.partial = True
         try:
@@ -983,14 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summarize(rows, budget, time.perf_counter() - _T0), allow_nan=False,
                              default=_json_default), flush=True)
 
-    def watchdog() -> None:
-        log(f"hard limit {args.hard_limit_s:.0f} s reached: writing what was measured and exiting")
-        finish(True)
-        os._exit(0)
-
-    timer = threading.Timer(max(1.0, args.hard_limit_s - (time.perf_counter() - _T0)), watchdog)
-    timer.daemon = True
-    timer.start()
+    timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
     log(f"device {device}, dtype {args.dtype}, stages {sorted(stages)}, models {args.models}, steps {args.steps}")
     try:
         if stages & {"image", "video"}:

@@ -47,22 +47,23 @@ import time
 _T0 = time.perf_counter()  # the 8-minute budget counts from process start, imports included
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from diffspeed.bench.runner import to_jsonable, write_json  # noqa: E402
+from diffspeed.bench.script import device_and_dtype, once, sdpa_backends, sdpa_choice, start_watchdog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "dense_baseline.json"
@@ -108,12 +109,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-reps", type=int, default=None, help="minimum timed forwards (default 20 CUDA, 3 CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def build_transformer(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[torch.nn.Module, str]:
@@ -224,32 +219,6 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> dict[str, An
 # ---- SDPA ----------------------------------------------------------------------------------------
 
 
-def _sdpa_backends() -> list[Any]:
-    from torch.nn.attention import SDPBackend
-
-    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-    return [getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)]
-
-
-def _backend_name(b: Any) -> str:
-    return {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
-            "MATH": "math", "ERROR": "none"}.get(getattr(b, "name", str(b)), str(b).lower())
-
-
-def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Which backend SDPA picks for these tensors under the current backend flags."""
-    from torch.nn.attention import SDPBackend
-
-    try:
-        choice = int(torch._fused_sdp_choice(q, k, v))
-    except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
-    for member in SDPBackend.__members__.values():
-        if int(member) == choice:
-            return _backend_name(member)
-    return f"unknown ({choice})"
-
-
 def probe_sdpa(model: torch.nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Time every SDPA backend alone on this batch's attention shape (layout as in diffusers'
     processor: (B, S, H, D) transposed to (B, H, S, D))."""
@@ -259,8 +228,7 @@ def probe_sdpa(model: torch.nn.Module, batch: int, device: torch.device, dtype: 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
     out: dict[str, Any] = {"shape": [b, h, s, d], "default": sdpa_choice(q, k, v), "ms": {}, "errors": {}}
-    for backend in _sdpa_backends():
-        name = _backend_name(backend)
+    for name, backend in sdpa_backends():
         try:
             with sdpa_kernel([backend]), torch.no_grad():
                 F.scaled_dot_product_attention(q, k, v)
@@ -276,10 +244,7 @@ def probe_sdpa(model: torch.nn.Module, batch: int, device: torch.device, dtype: 
 
 
 def backend_by_name(name: str | None) -> Any:
-    for b in _sdpa_backends():
-        if _backend_name(b) == name:
-            return b
-    return None
+    return dict(sdpa_backends()).get(name)
 
 
 # ---- model variants ------------------------------------------------------------------------------
@@ -354,30 +319,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float | None:
 # ---- output --------------------------------------------------------------------------------------
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    return v
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """Atomic JSON write (temp file in the target folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(rows), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = [("variant", "variant", "{}"), ("batch", "batch", "{}"), ("compiled", "compiled", "{}"),
             ("sdpa", "sdpa_backend", "{}"), ("ms/step", "ms_per_step", "{:.3f}"), ("wall ms", "ms_per_step_wall", "{:.3f}"),
@@ -439,13 +380,9 @@ def estimate_s(mode: str, n_batches: int, compile_s: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t_start = _T0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = resolve_dtype(args.dtype, device)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     modes = [m.strip() for m in (args.modes or ("eager," + ",".join(COMPILED_MODES) if device.type == "cuda" else "eager")).split(",") if m.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -504,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def attn_ctx(b: int, fallback: bool) -> Any:
         backend = backend_by_name(probes[b]["fastest"]) if not fallback else None
-        return sdpa_kernel([backend]) if backend is not None else _Null()
+        return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
 
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -524,20 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
     }
 
-    lock = threading.Lock()
-    finished = {"done": False}
-
-    def finish(truncated: bool) -> bool:
-        """Write the rows, print the table and the summary line, once (main thread or watchdog)."""
-        with lock:
-            if finished["done"]:
-                return False
-            finished["done"] = True
+    @once
+    def finish(truncated: bool) -> None:
+        """Write the rows, print the table and the summary line (main thread or watchdog)."""
         rows_now = list(rows)
-        write_rows(rows_now, out_path)
+        write_json(rows_now, out_path)
         print_table(rows_now)
-        print(json.dumps(_jsonable(summarize(rows_now, truncated))), flush=True)
-        return True
+        print(json.dumps(to_jsonable(summarize(rows_now, truncated))), flush=True)
 
     def summarize(rows_now: list[dict[str, Any]], truncated: bool) -> dict[str, Any]:
         def best(pred: Callable[[dict[str, Any]], bool], key: str, fn: Callable = min) -> dict[str, Any] | None:
@@ -567,21 +497,14 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": list(skipped),
             "failed": list(failed),
             "truncated": truncated,
-            "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "elapsed_s": round(time.perf_counter() - _T0, 1),
         }
 
-    def watchdog() -> None:
-        log(f"hard limit {args.hard_limit_s:.0f} s reached: writing what was measured and exiting")
-        if finish(True):
-            os._exit(0)
-
-    timer = threading.Timer(max(1.0, args.hard_limit_s - (time.perf_counter() - t_start)), watchdog)
-    timer.daemon = True
-    timer.start()
+    timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
 
     for variant, mode, group_batches in build_plan(batches, modes, variants):
         label = f"{variant}/{mode}/b{','.join(map(str, group_batches))}"
-        elapsed = time.perf_counter() - t_start
+        elapsed = time.perf_counter() - _T0
         est = estimate_s(mode, len(group_batches), compile_est)
         if mode != "eager" and elapsed + est > args.budget_s:
             skipped.append(f"{label} (estimated {est:.0f} s, {args.budget_s - elapsed:.0f} s of budget left)")
@@ -610,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             for fallback in (False, True):
                 if fallback and probes[b]["fastest"] == probes[b]["default"]:
                     break
-                if fallback and mode != "eager" and time.perf_counter() - t_start + compile_est > args.budget_s:
+                if fallback and mode != "eager" and time.perf_counter() - _T0 + compile_est > args.budget_s:
                     skipped.append(f"{label} b{b} retry with SDPA's default pick (no budget left)")
                     break
                 before = dynamo_counts()
@@ -681,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             log(f"  b{b}: {ms:.3f} ms/step (wall {res['wall_mean_ms']:.3f}), {achieved:.1f} TFLOP/s, MFU {r['mfu']:.1%}"
                 + (f", first call {row['first_s']:.1f} s" if mode != "eager" else ""))
-            write_rows(rows, out_path)
+            write_json(rows, out_path)
         del runner
         if mode != "eager":
             torch._dynamo.reset()
@@ -690,14 +613,6 @@ def main(argv: list[str] | None = None) -> int:
     timer.cancel()
     finish(False)
     return 0
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":

@@ -40,18 +40,18 @@ _T0 = time.perf_counter()
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
+
+from diffspeed.bench.runner import write_json  # noqa: E402
+from diffspeed.bench.script import device_and_dtype, once, sdpa_choice, start_watchdog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "memory.json"
@@ -78,33 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(rows, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def sdpa_pick(heads: int, n: int, d: int, device: torch.device, dtype: torch.dtype) -> str:
-    from torch.nn.attention import SDPBackend
-
     if device.type != "cuda":
         return "math (cpu)"
     q = torch.empty(1, n, heads, d, device=device, dtype=dtype).transpose(1, 2)
-    try:
-        choice = int(torch._fused_sdp_choice(q, q, q))
-    except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
-    for name, member in SDPBackend.__members__.items():
-        if int(member) == choice:
-            return {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
-                    "MATH": "math"}.get(name, name.lower())
-    return f"unknown ({choice})"
+    return sdpa_choice(q, q, q)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffspeed.models.loading import load_model
     from diffspeed.sampler import sample
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     frames_cand = [int(f) for f in args.frames.split(",") if f.strip()]
     chunks = [tuple(int(x) for x in c.split(":")) for c in args.chunks.split(",") if c.strip()]
@@ -134,16 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     failed: list[str] = []
-    lock = threading.Lock()
-    finished = {"done": False}
-
-    def finish(truncated: bool) -> bool:
-        with lock:
-            if finished["done"]:
-                return False
-            finished["done"] = True
+    @once
+    def finish(truncated: bool) -> None:
         snap = list(rows)
-        write_rows(snap, out_path)
+        write_json(snap, out_path)
         for r in snap:
             log(f"{r['model']:<16} {str(r['latent_shape']):<20} {r['sdpa']:<8} {r['mode']:<15} {r['settings']:<34} "
                 f"peak {r['peak_mem_mb']} (base {r['baseline_peak_mem_mb']}) err {r['max_rel_error']} "
@@ -160,16 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"memory": str(out_path), "rows": len(snap), "device": device_name,
                           "best_saving": savings, "skipped": skipped, "failed": failed, "truncated": truncated,
                           "elapsed_s": round(time.perf_counter() - _T0, 1)}, default=str), flush=True)
-        return True
 
-    def watchdog() -> None:
-        log(f"hard limit {args.hard_limit_s:.0f} s reached: writing what was measured and exiting")
-        if finish(True):
-            os._exit(0)
-
-    timer = threading.Timer(max(1.0, args.hard_limit_s - (time.perf_counter() - _T0)), watchdog)
-    timer.daemon = True
-    timer.start()
+    timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -300,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         log(f"{model_name} {shape} {sdpa}({used}) {mode} {label}: peak {row['peak_mem_mb']} MiB, "
                             f"err {row['max_rel_error']}, {row['latency_ms']} ms, {row['status']}")
-                        write_rows(rows, out_path)
+                        write_json(rows, out_path)
                     del base_out
                 del x
                 clean()

@@ -258,16 +258,14 @@ class _Sample:
 class _Runner:
     def __init__(self, loaded: Any, guidance_scale: float, num_steps: int, shift: float) -> None:
         from .context import get_context
-        from .sampler import flow_sigmas
+        from .sampler import _device_and_dtype, flow_sigmas
 
         self.loaded = loaded
         self.model = loaded.transformer
         self.adapter = loaded.adapter
         self.g = float(guidance_scale)
         self.use_cfg = self.g > 1.0
-        params = list(self.model.parameters())
-        self.device = params[0].device
-        self.dtype = next((p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32), torch.float32)
+        self.device, self.dtype = _device_and_dtype(self.model)
         self.sigmas = flow_sigmas(num_steps, shift)
         self.timesteps = [float(s) * 1000.0 for s in self.sigmas[:-1]]
         self.ctx = get_context(self.model)

@@ -50,6 +50,7 @@ from ..models.bundle import LoadedModel
 from ..recipe import Recipe, apply_recipe
 from .flops import flops_per_forward
 from .metrics import psnr, rel_error, ssim
+from .script import fmt as _fmt
 from .timing import time_callable, track_peak_memory
 
 
@@ -340,15 +341,6 @@ def _check_restored(loaded: LoadedModel, gen: Any, base_out: torch.Tensor | None
 
 
 # ---- output ----------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _stats_summary(stats: Any) -> str:

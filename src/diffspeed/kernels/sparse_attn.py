@@ -168,13 +168,11 @@ def block_sparse_attention(
         l = torch.where(a, l_new, l)
         acc = torch.where(a[..., None], acc_new, acc)
         computed = computed + active.sum()
-        if t == nb - 1:
-            break
+        if t == nb - 1 or threshold == 0:
+            continue  # exact mode: every block stays active, no stopping test (and no host sync)
         # estimated share of what is left, per row, relative to the running normaliser
         ratio = torch.exp(rem_lse[..., t, None] - m) / l  # (B, H, Nb, bs_q)
         keep_going = ratio.amax(-1) >= threshold
-        if threshold == 0:
-            keep_going = torch.ones_like(keep_going)
         still_forced = (t + 1) < n_forced  # (Nb,)
         active = active & (keep_going | still_forced)
         if not bool(active.any()):
@@ -206,11 +204,11 @@ def block_selection(
     if threshold == 0:
         return torch.ones(q.shape[0], q.shape[1], nb, nb, dtype=torch.bool, device=q.device)
     est, log_counts = _estimates(qb, kb, n, block_size, scale)
-    share = torch.softmax(est + log_counts, dim=-1)
+    full_share = torch.softmax(est + log_counts, dim=-1)
     forced = _forced(nb, block_size, local_window, global_tokens, q.device)
-    share = share.masked_fill(forced, 0.0)  # forced mass is covered already
+    share = full_share.masked_fill(forced, 0.0)  # forced mass is covered already
     sorted_share, order = share.sort(dim=-1, descending=True, stable=True)
-    forced_share = torch.softmax(est + log_counts, dim=-1).masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+    forced_share = full_share.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
     # keep a ranked block while the mass covered before it is still short of 1 - threshold
     covered_before = forced_share + sorted_share.cumsum(-1) - sorted_share
     keep_sorted = covered_before < 1.0 - threshold

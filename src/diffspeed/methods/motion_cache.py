@@ -76,6 +76,7 @@ from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
+from ._validate import is_number as _is_number, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .token_subset import (  # noqa: F401  (re-exported: token_merge imports the argument helpers from here)
     _COGVIDEOX,
@@ -90,14 +91,6 @@ from .token_subset import (  # noqa: F401  (re-exported: token_merge imports the
 )
 
 _EPS = 1e-12
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -141,41 +134,20 @@ class MotionCacheConfig(MethodConfig):
     final_steps: int = 1
 
     def __post_init__(self) -> None:
-        r = self.recompute_ratio
-        if not _is_number(r) or not 0 < r <= 1:
-            raise DiffspeedError(
-                f"motion_cache recompute_ratio must be in (0, 1] (e.g. 0.5; 1.0 recomputes every token), got {r!r}"
-            )
+        require_recompute_ratio("motion_cache", self.recompute_ratio)
         if not _is_number(self.motion_weight) or self.motion_weight < 0:
             raise DiffspeedError(
                 "motion_cache motion_weight must be a finite number >= 0 (0 = rank tokens by residual change only), "
                 f"got {self.motion_weight!r}"
             )
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
-            raise DiffspeedError(
-                "motion_cache warmup_steps must be an integer >= 1 (the first step has nothing to reuse), "
-                f"got {self.warmup_steps!r}"
-            )
-        if not _is_int(self.full_every) or self.full_every < 2:
-            raise DiffspeedError(
-                "motion_cache full_every must be an integer >= 2 (1 would compute every step in full), "
-                f"got {self.full_every!r}"
-            )
-        if not _is_int(self.max_age) or self.max_age < 1:
-            raise DiffspeedError(
-                "motion_cache max_age must be an integer >= 1 (steps a cached token may be reused), "
-                f"got {self.max_age!r}"
-            )
-        if not _is_int(self.final_steps) or self.final_steps < 0:
-            raise DiffspeedError(f"motion_cache final_steps must be an integer >= 0, got {self.final_steps!r}")
+        require_int("motion_cache", "warmup_steps", self.warmup_steps, 1, "the first step has nothing to reuse")
+        require_int("motion_cache", "full_every", self.full_every, 2, "1 would compute every step in full")
+        require_int("motion_cache", "max_age", self.max_age, 1, "steps a cached token may be reused")
+        require_int("motion_cache", "final_steps", self.final_steps, 0)
 
 
 # ---- model families (defined in .token_subset) ---------------------------------------------------
 _FAMILIES = {"WanTransformer3DModel": _WAN, "CogVideoXTransformer3DModel": _COGVIDEOX}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 def _family(model: nn.Module) -> _Family:

@@ -60,24 +60,13 @@ from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
+from ._validate import grid_kind, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .motion_cache import patch_size as _wan_patch_size
 from .token_subset import _WAN, TokenSubsetRunner, _reduce_rotary, _rotary_mode
 from .token_merge import token_grid as _token_grid
 
 _EPS = 1e-12
-_IMAGE_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
-_VIDEO_CLASSES = ("WanTransformer3DModel",)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 _STATE_REASON = (
     "region_adaptive runs the blocks on a changing subset of tokens on partial steps and keeps a per-token "
     "residual cache; {other} {why}; use one of them"
@@ -116,43 +105,19 @@ class RegionAdaptiveConfig(MethodConfig):
     starvation_steps: int = 4
 
     def __post_init__(self) -> None:
-        r = self.recompute_ratio
-        if not _is_number(r) or not 0 < r <= 1:
-            raise DiffspeedError(
-                f"region_adaptive recompute_ratio must be in (0, 1] (e.g. 0.5; 1.0 recomputes every token), got {r!r}"
-            )
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 2:
-            raise DiffspeedError(
-                "region_adaptive warmup_steps must be an integer >= 2 (the score needs two model outputs), "
-                f"got {self.warmup_steps!r}"
-            )
-        if not _is_int(self.full_every) or self.full_every < 2:
-            raise DiffspeedError(
-                "region_adaptive full_every must be an integer >= 2 (1 would compute every step in full), "
-                f"got {self.full_every!r}"
-            )
-        if not _is_int(self.final_steps) or self.final_steps < 0:
-            raise DiffspeedError(f"region_adaptive final_steps must be an integer >= 0, got {self.final_steps!r}")
-        if not _is_int(self.starvation_steps) or self.starvation_steps < 1:
-            raise DiffspeedError(
-                "region_adaptive starvation_steps must be an integer >= 1 (steps a token may be reused), "
-                f"got {self.starvation_steps!r}"
-            )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
+        require_recompute_ratio("region_adaptive", self.recompute_ratio)
+        require_int("region_adaptive", "warmup_steps", self.warmup_steps, 2, "the score needs two model outputs")
+        require_int("region_adaptive", "full_every", self.full_every, 2, "1 would compute every step in full")
+        require_int("region_adaptive", "final_steps", self.final_steps, 0)
+        require_int("region_adaptive", "starvation_steps", self.starvation_steps, 1, "steps a token may be reused")
 
 
 def _kind(model: nn.Module) -> str:
-    base = _unwrap(model)
-    for klass in type(base).__mro__:
-        if klass.__name__ in _IMAGE_CLASSES:
-            return "image"
-        if klass.__name__ in _VIDEO_CLASSES:
-            return "video"
+    kind = grid_kind(model)
+    if kind is not None:
+        return kind
     raise DiffspeedError(
-        f"region_adaptive supports DiT / PixArt and Wan transformers; got {type(base).__name__}, whose token "
+        f"region_adaptive supports DiT / PixArt and Wan transformers; got {type(_unwrap(model)).__name__}, whose token "
         "grid it does not know"
     )
 

@@ -61,14 +61,11 @@ from ..adapters.base import BlockIO, ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
+from ._validate import grid_kind, is_int as _is_int, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .motion_cache import _gather_rows, _get_arg, _set_arg
 
 _EPS = 1e-12
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -146,24 +143,13 @@ class TokenMergeConfig(MethodConfig):
 
 
 # ---- model families -----------------------------------------------------------------------------
-_IMAGE_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
-_VIDEO_CLASSES = ("WanTransformer3DModel",)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
 def _kind(model: nn.Module) -> str:
-    base = _unwrap(model)
-    for klass in type(base).__mro__:
-        if klass.__name__ in _IMAGE_CLASSES:
-            return "image"
-        if klass.__name__ in _VIDEO_CLASSES:
-            return "video"
+    kind = grid_kind(model)
+    if kind is not None:
+        return kind
     raise DiffspeedError(
         f"token_merge supports DiT / PixArt (BasicTransformerBlock) and Wan transformers; got "
-        f"{type(base).__name__}, whose token grid and block layout it does not know"
+        f"{type(_unwrap(model)).__name__}, whose token grid and block layout it does not know"
     )
 
 

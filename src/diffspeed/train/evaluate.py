@@ -18,7 +18,6 @@ replaced).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -28,20 +27,10 @@ import torch
 
 from ..data import clips, shapes
 from ..errors import DiffspeedError
+from ..media import make_grid
 from .common import configure_backends, device_name, resolve_device
 
 ROW_KEY = ("model", "steps", "guidance_scale", "num_samples", "device")
-
-
-def _tile(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (3, rows*(H+pad)+pad, nrow*(W+pad)+pad) with a white border."""
-    n, c, h, w = images.shape
-    rows = max(1, math.ceil(n / nrow))
-    canvas = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
-    return canvas
 
 
 def save_labelled_grid(rows: list[torch.Tensor], names: list[str], path: str | os.PathLike, title: str,
@@ -58,11 +47,11 @@ def save_labelled_grid(rows: list[torch.Tensor], names: list[str], path: str | o
     h = rows[0].shape[2]
     blank = torch.ones(1, 3, h, rows[0].shape[3])
     padded = [torch.cat([r.cpu().float()] + [blank] * (ncol - r.shape[0])) for r in rows]
-    grid = _tile(torch.cat(padded), ncol)
+    grid = make_grid(torch.cat(padded), nrow=ncol, pad=1)
     fig_w = max(4.0, ncol * (h + 1) / 100 / scale + 1.5)
     fig_h = max(2.0, len(rows) * (h + 1) / 100 / scale + 0.6)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
-    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.imshow(grid, interpolation="nearest")
     ax.set_yticks([1 + (h + 1) * i + h / 2 for i in range(len(rows))])
     ax.set_yticklabels(names)
     ax.set_xticks([])
@@ -82,9 +71,7 @@ def save_gif(videos: torch.Tensor, path: str | os.PathLike, ncol: int = 4, scale
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = []
     for f in range(videos.shape[2]):
-        tile = _tile(videos[:, :, f].cpu().float(), min(ncol, videos.shape[0]), pad=2)
-        arr = (tile.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
-        img = Image.fromarray(arr)
+        img = Image.fromarray(make_grid(videos[:, :, f].cpu().float(), nrow=min(ncol, videos.shape[0]), pad=2))
         frames.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0)
     return path
