@@ -52,6 +52,19 @@ def count_host_syncs(names: tuple[str, ...] = ("item", "__bool__")) -> Iterator[
                 delattr(torch.Tensor, name)
 
 
+def load_tiny(name: str):
+    """Load a zoo model with the global RNG seeded (shared by the method test modules)."""
+    from diffspeed.models.loading import load_model
+
+    torch.manual_seed(0)
+    return load_model(name)
+
+
+def assert_did_work(stats, key: str) -> None:
+    """The work counter ``key`` of a method's stats must be > 0: a no-op method leaves it at 0."""
+    assert stats.get(key, 0) > 0, f"stat {key!r} shows no work done: {dict(stats)}"
+
+
 class MethodTests:
     model_name: str = "tiny-dit"
     steps: int = 8
@@ -68,10 +81,7 @@ class MethodTests:
     # ---- helpers -------------------------------------------------------------------------
     @pytest.fixture
     def loaded(self):
-        from diffspeed.models.loading import load_model
-
-        torch.manual_seed(0)
-        return load_model(self.model_name)
+        return load_tiny(self.model_name)
 
     def run(self, loaded, steps: int | None = None, cfg_mode: str = "batched") -> torch.Tensor:
         labels = [i % (loaded.num_classes or 4) for i in range(len(self.seeds))]
@@ -83,7 +93,11 @@ class MethodTests:
         handle = diffspeed.apply(loaded.transformer, self.make_config())
         out = self.run(loaded)
         assert torch.isfinite(out).all()
+        stats = dict(handle.stats)
         handle.remove()
+        # finiteness alone holds for a no-op: the work counter must move too
+        assert self.changed_stat, "a method test must name the work counter in changed_stat"
+        assert_did_work(stats, self.changed_stat)
 
     def test_remove_restores_bit_identical(self, loaded):
         base = self.run(loaded)
@@ -115,18 +129,26 @@ class MethodTests:
         out = self.run(loaded)
         stats = dict(handle.stats)
         handle.remove()
+        # expect_change alone is not enough (a method that just perturbs the output passes it) and an
+        # exact method has no output change to check: every subclass must name a real work counter
+        assert self.changed_stat, "a method test must name the work counter in changed_stat"
+        assert_did_work(stats, self.changed_stat)
         if self.expect_change:
             assert not torch.equal(base, out), "method had no effect on the output"
-        if self.changed_stat is not None:
-            assert stats.get(self.changed_stat, 0) > 0, f"stat {self.changed_stat!r} shows no work done: {stats}"
-        assert self.expect_change or self.changed_stat, "a method test must check that the method does something"
+        else:
+            # an exact method must match the full model's output
+            torch.testing.assert_close(out, base, msg="an exact method changed the output")
 
     def test_separate_cfg_branches(self, loaded):
-        with diffspeed.apply(loaded.transformer, self.make_config()):
+        with diffspeed.apply(loaded.transformer, self.make_config()) as handle:
             out = self.run(loaded, cfg_mode="separate")
             assert torch.isfinite(out).all()
             ctx = diffspeed.get_context(loaded.transformer)
             assert ctx.num_steps == self.steps
+            stats = dict(handle.stats)
+        # the method must still do its work with cond/uncond as separate calls
+        assert self.changed_stat, "a method test must name the work counter in changed_stat"
+        assert_did_work(stats, self.changed_stat)
 
     def test_json_round_trip(self):
         cfg = self.make_config()

@@ -127,8 +127,9 @@ def test_alpha_scales_the_reused_residual(tiny_dit, gates_dir):
     cfg = LazyConfig(gates=str(gates_dir))
     outs = []
     for alpha in (1.0, 0.5):
-        with apply_with_gates(tiny_dit.transformer, cfg, tiny_dit.adapter, _constant_gates(like, 0.99, alpha)):
+        with apply_with_gates(tiny_dit.transformer, cfg, tiny_dit.adapter, _constant_gates(like, 0.99, alpha)) as h:
             outs.append(generate(tiny_dit, [0], [0], num_steps=8))
+        assert h.stats["skipped_blocks"] > 0  # alpha only matters where a residual is reused
     assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], outs[1])
 
 

@@ -11,7 +11,7 @@ from diffspeed.methods.motion_cache import frame_motion, token_grid
 from diffspeed.recipe import Recipe
 from diffspeed.sampler import generate
 
-from method_tester import MethodTests, count_host_syncs
+from method_tester import MethodTests, count_host_syncs, load_tiny
 
 
 class TestMotionCacheWan(MethodTests):
@@ -28,12 +28,6 @@ class TestMotionCacheCogVideoX(TestMotionCacheWan):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _load(name):
-    from diffspeed.models.loading import load_model
-
-    return load_model(name)
-
-
 def _state(handle, branch="cond"):
     ctx = diffspeed.get_context(handle.model)
     return ctx.branch_states(handle.state_key)[branch]
@@ -59,7 +53,7 @@ def _drive(loaded, latents, steps, cond=None, on_step=None):
 # ---- the method's own tests --------------------------------------------------------------------
 @pytest.mark.parametrize("model_name", ["tiny-wan", "tiny-cogvideox"])
 def test_partial_step_flops_drop_by_expected_fraction(model_name):
-    loaded = _load(model_name)
+    loaded = load_tiny(model_name)
     tr = loaded.transformer
     x = torch.randn(1, *loaded.latent_shape)
     cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=1, full_every=10, final_steps=0)
@@ -103,7 +97,7 @@ def _moving_square_video():
 
 
 def test_motion_score_marks_moving_tokens():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     x, moving = _moving_square_video()
     motion = frame_motion(x, "cfhw", (1, 2, 2))
     assert motion.shape == (1, 48)
@@ -113,7 +107,7 @@ def test_motion_score_marks_moving_tokens():
 
 
 def test_static_tokens_reused_more_than_moving_ones():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     x, moving = _moving_square_video()
     steps = 10
     cfg = MotionCacheConfig(recompute_ratio=0.25, warmup_steps=2, full_every=20, max_age=20, final_steps=0)
@@ -130,7 +124,7 @@ def test_static_tokens_reused_more_than_moving_ones():
 
 
 def test_max_age_bounds_cached_token_age():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     x = torch.randn(2, *loaded.latent_shape)
     cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=1, full_every=50, max_age=1, final_steps=0)
     ages = []
@@ -143,7 +137,7 @@ def test_max_age_bounds_cached_token_age():
 @pytest.mark.parametrize("model_name", ["tiny-wan", "tiny-cogvideox"])
 @pytest.mark.parametrize("cfg_mode", ["batched", "separate"])
 def test_full_ratio_is_bit_identical(model_name, cfg_mode):
-    loaded = _load(model_name)
+    loaded = load_tiny(model_name)
     base = generate(loaded, [0, 1], [0, 1], num_steps=6, guidance_scale=3.0, cfg_mode=cfg_mode)
     cfg = MotionCacheConfig(recompute_ratio=1.0, warmup_steps=1, full_every=50, final_steps=0)
     with diffspeed.apply(loaded.transformer, cfg) as h:
@@ -189,7 +183,7 @@ def test_cogvideox_rotary_shares_one_selection_per_batch():
 
 
 def test_separate_branches_keep_separate_caches():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=2, final_steps=1)
     with diffspeed.apply(loaded.transformer, cfg) as h:
         generate(loaded, [0], [0], num_steps=8, guidance_scale=3.0, cfg_mode="separate")
@@ -200,7 +194,7 @@ def test_separate_branches_keep_separate_caches():
 
 
 def test_schedule_warmup_full_every_final():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     cfg = MotionCacheConfig(warmup_steps=3, full_every=4, final_steps=1)
     partial_steps = []
     with diffspeed.apply(loaded.transformer, cfg) as h:
@@ -223,7 +217,7 @@ def test_image_model_gives_clear_error(tiny_dit):
 
 
 def test_incompatible_with_whole_stack_caches():
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     with diffspeed.apply(loaded.transformer, StepCacheConfig()):
         with pytest.raises(IncompatibleMethodsError, match="step_cache"):
             diffspeed.apply(loaded.transformer, MotionCacheConfig())
@@ -233,7 +227,7 @@ def test_incompatible_with_whole_stack_caches():
 
 def test_no_host_sync_in_hot_path():
     """Selection is topk/gather/scatter on the device: no .item()/bool()/tolist() during sampling."""
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=1, final_steps=1, max_age=1)
     with diffspeed.apply(loaded.transformer, cfg) as h:
         generate(loaded, [0, 1], [0, 1], num_steps=6, guidance_scale=3.0, check_finite=False)  # lazy imports
@@ -276,7 +270,7 @@ def test_bad_config_values(kwargs, match):
 
 def test_wan_per_token_timestep_is_gathered_too():
     """Wan 2.2 TI2V passes a per-token timestep (B, N): its (B, N, 6, D) modulation is reduced with the tokens."""
-    loaded = _load("tiny-wan")
+    loaded = load_tiny("tiny-wan")
     tr = loaded.transformer
     x = torch.randn(2, 4, 3, 8, 8)
     enc = loaded.make_condition([0, 1], x.device).cond["encoder_hidden_states"]

@@ -12,7 +12,7 @@ from diffspeed.methods.region_adaptive import RegionAdaptiveConfig, output_chang
 from diffspeed.recipe import Recipe
 from diffspeed.sampler import generate
 
-from method_tester import MethodTests, count_host_syncs
+from method_tester import MethodTests, count_host_syncs, load_tiny
 
 
 class TestRegionAdaptiveDiT(MethodTests):
@@ -26,12 +26,6 @@ class TestRegionAdaptiveDiT(MethodTests):
 
 class TestRegionAdaptiveWan(TestRegionAdaptiveDiT):
     model_name = "tiny-wan"
-
-
-def _load(name):
-    from diffspeed.models.loading import load_model
-
-    return load_model(name)
 
 
 def test_output_change_pools_to_token_grid():
@@ -50,7 +44,7 @@ def test_output_change_pools_to_token_grid():
 @pytest.mark.parametrize("model_name, cfg_mode", [("tiny-dit", "batched"), ("tiny-dit", "separate"),
                                                   ("tiny-wan", "batched")])
 def test_full_ratio_is_bit_identical(model_name, cfg_mode):
-    loaded = _load(model_name)
+    loaded = load_tiny(model_name)
     base = generate(loaded, [0, 1], [0, 1], num_steps=6, guidance_scale=3.0, cfg_mode=cfg_mode)
     cfg = RegionAdaptiveConfig(recompute_ratio=1.0, warmup_steps=2, full_every=50, final_steps=0)
     with diffspeed.apply(loaded.transformer, cfg) as h:
@@ -61,7 +55,7 @@ def test_full_ratio_is_bit_identical(model_name, cfg_mode):
 
 @pytest.mark.parametrize("model_name", ["tiny-dit", "tiny-wan"])
 def test_partial_step_flops_lower(model_name):
-    loaded = _load(model_name)
+    loaded = load_tiny(model_name)
     tr = loaded.transformer
     x = torch.randn(1, *loaded.latent_shape)
     cond = loaded.make_condition([0], x.device).cond
@@ -88,7 +82,7 @@ def test_partial_step_flops_lower(model_name):
 
 
 def test_starvation_bounds_token_age():
-    loaded = _load("tiny-dit")
+    loaded = load_tiny("tiny-dit")
     x = torch.randn(2, *loaded.latent_shape)
     cfg = RegionAdaptiveConfig(recompute_ratio=0.5, warmup_steps=2, full_every=50, final_steps=0, starvation_steps=1)
     tr, ctx = loaded.transformer, diffspeed.get_context(loaded.transformer)
@@ -109,7 +103,7 @@ def test_starvation_bounds_token_age():
 
 def test_no_host_sync_in_hot_path():
     for name in ("tiny-dit", "tiny-wan"):
-        loaded = _load(name)
+        loaded = load_tiny(name)
         cfg = RegionAdaptiveConfig(recompute_ratio=0.5, warmup_steps=2, full_every=4, final_steps=1, starvation_steps=1)
         with diffspeed.apply(loaded.transformer, cfg) as h:
             generate(loaded, [0, 1], [0, 1], num_steps=6, guidance_scale=3.0, check_finite=False)  # lazy imports
@@ -122,7 +116,7 @@ def test_no_host_sync_in_hot_path():
 
 
 def test_schedule_and_stats():
-    loaded = _load("tiny-dit")
+    loaded = load_tiny("tiny-dit")
     with diffspeed.apply(loaded.transformer, RegionAdaptiveConfig()) as h:  # defaults: 4 warm-up, full every 5
         generate(loaded, [0], [0], num_steps=12, guidance_scale=3.0, cfg_mode="separate")
     # per branch: 0-3 warm-up, 4-7 partial, 8 full, 9-10 partial, 11 final
@@ -134,7 +128,7 @@ def test_schedule_and_stats():
 
 
 def test_incompatible_methods():
-    loaded = _load("tiny-dit")
+    loaded = load_tiny("tiny-dit")
     with diffspeed.apply(loaded.transformer, StepCacheConfig()):
         with pytest.raises(IncompatibleMethodsError, match="step_cache"):
             diffspeed.apply(loaded.transformer, RegionAdaptiveConfig())
@@ -144,7 +138,7 @@ def test_incompatible_methods():
 
 
 def test_unsupported_model_gives_clear_error():
-    loaded = _load("tiny-cogvideox")
+    loaded = load_tiny("tiny-cogvideox")
     with pytest.raises(DiffspeedError, match="region_adaptive supports DiT / PixArt and Wan"):
         diffspeed.apply(loaded.transformer, RegionAdaptiveConfig())
     assert not diffspeed.methods.applied_methods(loaded.transformer)
@@ -193,7 +187,7 @@ def test_reference_image_fidelity():
 
     if not (WEIGHTS_DIR / "reference-image").is_dir() or not (WEIGHTS_DIR / "judge-image").is_dir():
         pytest.skip("reference weights not shipped")
-    loaded = _load("reference-image")
+    loaded = load_tiny("reference-image")
     labels, seeds = [0, 4, 8, 9], [1000, 1001, 1002, 1003]
     full = generate(loaded, labels, seeds, num_steps=20, guidance_scale=4.0)
     with diffspeed.apply(loaded.transformer, RegionAdaptiveConfig()) as h:

@@ -31,9 +31,12 @@ def test_runs_and_skips_on_every_adapter(model_name):
     from diffspeed.models.loading import load_model
 
     loaded = load_model(model_name)
+    base = generate(loaded, [0], [0], num_steps=5, guidance_scale=2.0)
     with diffspeed.apply(loaded.transformer, StepCacheConfig(threshold=50.0, warmup_steps=1, final_steps=0)) as h:
         out = generate(loaded, [0], [0], num_steps=5, guidance_scale=2.0)
         assert torch.isfinite(out).all() and h.stats["skipped_steps"] > 0
+        assert h.stats["skipped_blocks"] > 0  # the skips really bypassed blocks
+    assert not torch.equal(out, base), "skipping steps left the output identical to the full model's"
 
 
 def test_schedule_respects_warmup_final_and_cap(tiny_dit):

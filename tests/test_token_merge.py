@@ -56,10 +56,12 @@ def test_merges_on_every_supported_family(model_name):
     from diffspeed.models.loading import load_model
 
     loaded = load_model(model_name)
+    base = generate(loaded, [0], [0], num_steps=3, guidance_scale=2.0)
     for cfg in (TokenMergeConfig(ratio=0.5, min_tokens=4), TokenMergeConfig(ratio=0.5, min_tokens=4, merge_attn=False)):
         with diffspeed.apply(loaded.transformer, cfg) as h:
             out = generate(loaded, [0], [0], num_steps=3, guidance_scale=2.0)
-        assert torch.isfinite(out).all() and h.stats["blocks_merged"] > 0
+        assert torch.isfinite(out).all() and h.stats["blocks_merged"] > 0 and h.stats["tokens_merged"] > 0
+        assert not torch.equal(out, base), f"merging tokens left the output identical to the full model's ({cfg})"
 
 
 def test_matching_maps_duplicates_and_counts():
