@@ -114,6 +114,7 @@ COMPILE_ARGS=()
 [ "$COMPILE" = "1" ] && COMPILE_ARGS=(--compile)
 VCOMPILE_ARGS=()
 [ "$VIDEO_COMPILE" = "1" ] && VCOMPILE_ARGS=(--compile)
+[ -n "${VIDEO_INIT:-}" ] && VCOMPILE_ARGS+=(--init-from "$VIDEO_INIT")   # warm start (e.g. src/diffspeed/weights/reference-video)
 GUIDANCE_ARGS=()
 for g in $GUIDANCE; do GUIDANCE_ARGS+=(--guidance "$g"); done
 

@@ -54,10 +54,15 @@ def _generator_command(name: str, train_fn: str, batch_size_default: int, batch_
         seed: int = _SEED,
         log_dir: Optional[Path] = _LOGS,
         compile: bool = _COMPILE,
+        init_from: Optional[Path] = typer.Option(None, help="warm start from a saved model folder (video only)"),
     ) -> None:
         train = getattr(importlib.import_module(f".{name}", __package__), train_fn)
+        extra = {"init_from": init_from} if init_from is not None else {}
+        if extra and name != "video":
+            typer.echo("error: --init-from is supported for video only", err=True)
+            raise typer.Exit(2)
         _run(train, steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out, seed=seed,
-             device=device, log_dir=log_dir, compile=compile)
+             device=device, log_dir=log_dir, compile=compile, **extra)
 
     command.__name__ = name
     command.__doc__ = doc

@@ -50,6 +50,29 @@ def save_video_model(module: ClassConditionedVideo, folder: Path) -> None:
     save_file({CLASS_EMBEDDINGS_KEY: table}, str(folder / CLASS_EMBEDDINGS_FILE))
 
 
+def _warm_start(module: ClassConditionedVideo, folder: Path) -> None:
+    """Load a saved reference-video (fp16 EMA weights + class table) into ``module`` (fp32)."""
+    from safetensors.torch import load_file
+
+    from ..errors import WeightFileError
+
+    weights, table = folder / "diffusion_pytorch_model.safetensors", folder / CLASS_EMBEDDINGS_FILE
+    if not weights.exists() or not table.exists():
+        raise WeightFileError(f"--init-from {folder}: needs diffusion_pytorch_model.safetensors and {CLASS_EMBEDDINGS_FILE}")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    missing, unexpected = module.transformer.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rope" not in k]
+    if missing or unexpected:
+        raise WeightFileError(f"--init-from {folder} does not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    saved = load_file(str(table))[CLASS_EMBEDDINGS_KEY].float()
+    if saved.shape != module.class_embeddings.shape:
+        raise WeightFileError(f"--init-from {folder}: class table {tuple(saved.shape)} != "
+                              f"{tuple(module.class_embeddings.shape)}")
+    with torch.no_grad():
+        module.class_embeddings.copy_(saved)
+
+
 def train_video(
     *,
     steps: int = 20000,
@@ -65,9 +88,13 @@ def train_video(
     warmup_steps: int | None = None,
     ema_decay: float = 0.999,
     compile: bool = False,
+    init_from: str | os.PathLike | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Train the reference video model and write it to ``<out>/reference-video``; returns a summary."""
+    """Train the reference video model and write it to ``<out>/reference-video``; returns a summary.
+
+    ``init_from``: a reference-video folder (transformer + class table) to continue training from
+    (a warm start: the optimizer and the LR schedule start fresh, the weights do not)."""
     console, dev = start_run(device, seed, console)
     settings = generator_settings(steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
                                   dev=dev, ema_decay=ema_decay, warmup_steps=warmup_steps)
@@ -78,6 +105,9 @@ def train_video(
             setattr(rope, buf, getattr(rope, buf).float())
     module = ClassConditionedVideo(transformer, clips.NUM_CLASSES, embed_tokens,
                                    int(transformer.config.text_dim)).to(dev)
+    if init_from is not None:
+        _warm_start(module, Path(init_from))
+        say(console, NAME, f"warm start from {init_from}")
     n_params = count_params(transformer)
     say(console, NAME, f"Wan {n_params / 1e6:.2f} M params (+ class table {tuple(module.class_embeddings.shape)}) "
                        f"on {device_name(dev)}; batch {batch_size}, lr {lr}, steps {steps}, max {max_minutes} min")
@@ -96,6 +126,7 @@ def train_video(
         "data": "diffspeed.data.clips",
         "objective": "rectified flow, v = eps - x0, logit-normal t, 10% label dropout (null row of the table)",
         **run_summary(settings, result, dev, ema, compile, folder),
+        "init_from": str(init_from) if init_from is not None else None,
     }
     publish(summary, result, folder, log_dir, NAME, console)
     return summary
