@@ -230,8 +230,7 @@ def test_shipped_video_model_generates_its_classes():
     labels = list(range(8))
     pix = generate(loaded, labels, list(range(200, 208)), num_steps=10, guidance_scale=4.0)
     correct = int((judge.predict(pix) == torch.tensor(labels)).sum())
-    # The shipped video model reaches 58% judge accuracy on 256 clips at 25 steps (issue 3's bar is 80%,
-    # not met yet: see benchmarks/results/reference_models.json). This guards against a regression to an
-    # unconditioned model (chance is 1/8), not the bar itself.
-    assert correct >= 3, f"only {correct}/8 clips judged as their class"
+    # The shipped video model reaches 87.9% judge accuracy on 256 clips at 25 steps (issue 3's bar: 80%,
+    # benchmarks/results/reference_models.json); these 8 clips at 10 steps on CPU give 7/8.
+    assert correct >= 6, f"only {correct}/8 clips judged as their class"
     assert (pix[:, :, 1:] - pix[:, :, :-1]).abs().mean() > 0.003, "generated clips do not move"
