@@ -16,8 +16,10 @@ from .base import (
 from .block_cache import BlockCacheConfig
 from .compile import CompileConfig
 from .erta_cache import ErtaCacheConfig
+from .error_compensation import ErrorCompensationConfig
 from .lazy import LazyConfig
 from .motion_cache import MotionCacheConfig
+from .ptq import PTQConfig
 from .quantize import QuantizeConfig
 from .region_adaptive import RegionAdaptiveConfig
 from .slicing import SlicingConfig

@@ -1,0 +1,503 @@
+#!/usr/bin/env python
+"""Quantization benchmark: diffspeed's ``ptq_`` formats vs plain torchao (as diffusers' TorchAoConfig
+applies it: no calibration, no compensation), on speed, memory and fidelity.
+
+Two stages (``--stages``), both written as rows of one JSON list (``--out``):
+
+* ``fidelity`` - reference-image (the shipped trained DiT) in bf16 on the GPU (fp32 on CPU):
+  ``--samples`` class-balanced samples, ``--steps`` flow-matching Euler steps, CFG ``--guidance``;
+  every config's final images vs the unquantized model's (same seeds): PSNR, SSIM, judge accuracy.
+  Static activation scales and SmoothQuant use activation statistics from ``--calib-seeds`` other
+  seeds (timestep-grouped, :mod:`diffspeed.quant.calibration`). ``+comp`` rows add cumulative error
+  compensation (:mod:`diffspeed.quant.compensation`, calibrated on the calibration seeds) to the
+  lowest-bit config; ``mixed`` rows use a per-layer bit assignment under a weight-size budget
+  (:mod:`diffspeed.quant.mixed_precision`). The transformer step latency at the sampling batch
+  (eager) and the compensation overhead are measured too.
+* ``speed`` - real-size random-weight configs, compiled per block (regional ``torch.compile``, one
+  compile shared by all blocks): DiT-XL/2 (256 px, 256 tokens, hidden 1152) at ``--dit-batches``
+  and a FLUX-width config (hidden 3072, 4096 image + 512 text tokens, ``--flux-blocks`` double +
+  single blocks) at ``--flux-batch``. Latency of one transformer call (median of CUDA-event timed
+  calls), peak memory, weight MB.
+
+``low_precision_kernel`` is true only if a profiler trace of one call shows a low-bit GEMM op or
+kernel (``_int_mm``, ``_scaled_mm``, int4/int8 pack mm, or an int8/fp8 GEMM kernel name): a config
+whose low-bit weights are cast up to bf16 before a bf16 GEMM is reported as such (false).
+``speedup`` is vs bf16 with the same compile setting and batch.
+
+    python benchmarks/quantization.py --out benchmarks/results/quantization.json --plot benchmarks/results/quantization.png
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from diffspeed.bench.runner import write_json  # noqa: E402
+from diffspeed.bench.script import once, start_watchdog  # noqa: E402
+
+LOWP = re.compile(r"_int_mm|_scaled_mm|int4pack|int8pack|e4m3|fp8|f8f8|s8s8|i8i8|int8_gemm|igemm", re.I)
+FIDELITY_CONFIGS = (
+    # (name, peer, kind, settings)
+    ("torchao int8_weight_only", True, "torchao", {"backend": "int8_weight_only"}),
+    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic"}),
+    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row"}),
+    ("ptq int8_w8a8 dynamic", False, "ptq", {"format": "int8_w8a8", "act": "dynamic"}),
+    ("ptq int8_w8a8 dynamic+smooth", False, "ptq", {"format": "int8_w8a8", "act": "dynamic", "smooth_alpha": 0.5}),
+    ("ptq int8_w8a8 static", False, "ptq", {"format": "int8_w8a8", "act": "static"}),
+    ("ptq int8_w8a8 static+smooth", False, "ptq", {"format": "int8_w8a8", "act": "static", "smooth_alpha": 0.5}),
+    ("ptq fp8_w8a8 dynamic", False, "ptq", {"format": "fp8_w8a8", "act": "dynamic"}),
+    ("ptq fp8_w8a8 static", False, "ptq", {"format": "fp8_w8a8", "act": "static"}),
+    ("ptq int8_weight_only", False, "ptq", {"format": "int8_weight_only"}),
+    ("ptq int4_weight_only g32", False, "ptq", {"format": "int4_weight_only", "group_size": 32}),
+)
+SPEED_CONFIGS = (
+    ("bf16", False, "none", {}),
+    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row"}),
+    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic"}),
+    ("ptq fp8_w8a8 dynamic", False, "ptq", {"format": "fp8_w8a8", "act": "dynamic"}),
+    ("ptq int8_w8a8 dynamic", False, "ptq", {"format": "int8_w8a8", "act": "dynamic"}),
+    ("ptq int4_weight_only", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),
+)
+
+
+def log(msg: str) -> None:
+    print(f"[quant {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None)
+    p.add_argument("--stages", default="fidelity,speed")
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--calib-seeds", type=int, default=16)
+    p.add_argument("--groups", type=int, default=5, help="timestep groups of the static scales")
+    p.add_argument("--mixed-budget", type=float, default=0.4, help="mixed precision: fraction of the float weight size")
+    p.add_argument("--configs", default=None, help="comma-separated substrings: only configs whose name matches")
+    p.add_argument("--dit-batches", default="64,1")
+    p.add_argument("--flux-batch", type=int, default=2)
+    p.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the FLUX-width config")
+    p.add_argument("--speed-models", default="dit-xl-2,flux-width")
+    p.add_argument("--no-compile", action="store_true", help="speed stage eager only")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/quantization.json")
+    p.add_argument("--plot", default=None)
+    p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument("--hard-limit-s", type=float, default=480.0)
+    return p.parse_args(argv)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def low_precision_ops(fn: Callable[[], Any], device: torch.device) -> list[str]:
+    """Names of low-bit GEMM ops/kernels seen in a profiler trace of ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if LOWP.search(e.name)})[:6]
+
+
+def weight_mb(model: torch.nn.Module) -> float:
+    """Weight storage of the model: quantized layers by their packed size, the rest by their tensors."""
+    from diffspeed.quant.formats import QuantLinear, weight_nbytes
+
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear) or (isinstance(module, torch.nn.Linear)):
+            total += weight_nbytes(module)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+            seen.update(id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], stats_path: str | None) -> dict[str, Any]:
+    if kind == "none":
+        return {}
+    if kind == "torchao":
+        from diffspeed.methods.quantize import QuantizeConfig, quantize_model_
+
+        report = quantize_model_(model, QuantizeConfig(**settings))
+        return {"layers_quantized": len(report.quantized)}
+    from diffspeed.methods.ptq import PTQConfig, ptq_model_
+
+    kw = dict(settings)
+    if kw.get("act") == "static" or kw.get("smooth_alpha") is not None:
+        kw["calibration"] = stats_path
+    report = ptq_model_(model, PTQConfig(**kw))
+    return {"layers_quantized": len(report.quantized), "kernels": sorted(set(report.kernels.values()))
+            if isinstance(getattr(report, "kernels", None), dict) else None}
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compile: each transformer block compiled; identical blocks share one graph."""
+    from diffspeed.adapters import get_adapter
+
+    for _, block, _ in get_adapter(model).blocks(model):
+        block.compile()
+
+
+# ---- fidelity stage --------------------------------------------------------------------------------
+
+def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
+    from diffspeed.bench.metrics import psnr, ssim
+    from diffspeed.bench.timing import time_callable
+    from diffspeed.models.judge import judge_accuracy, load_judge
+    from diffspeed.models.loading import load_model
+    from diffspeed.quant.calibration import calibrate
+    from diffspeed.sampler import generate
+
+    name = "reference-image"
+    judge = load_judge("judge-image", device=device)
+
+    def fresh():
+        return load_model(name, device=device, dtype=dtype)
+
+    base = fresh()
+    n_cls = len(base.class_names)
+    labels = [i % n_cls for i in range(args.samples)]
+    seeds = list(range(1000, 1000 + args.samples))
+    calib_seeds = list(range(5000, 5000 + args.calib_seeds))
+    calib_labels = [i % n_cls for i in range(args.calib_seeds)]
+    kw = dict(num_steps=args.steps, guidance_scale=args.guidance)
+
+    def run(loaded) -> torch.Tensor:
+        return generate(loaded, labels, seeds, **kw).float()
+
+    def step_ms(loaded) -> float:
+        """One transformer call at the CFG-doubled sampling batch (the DiT reference model's inputs)."""
+        x = torch.randn(len(labels) * 2, *loaded.latent_shape, device=device, dtype=dtype)
+        tr = loaded.transformer
+        kwargs = {"timestep": torch.full((x.shape[0],), 500.0, device=device),
+                  "class_labels": torch.tensor(labels + labels, device=device), "return_dict": False}
+
+        def call():
+            with torch.no_grad():
+                tr(x, **kwargs)
+
+        return time_callable(call, warmup=2, repeats=args.repeats, device=device).median_ms
+
+    t0 = time.perf_counter()
+    full = run(base)
+    full_acc = judge_accuracy(judge, full, labels)
+    full_ms = step_ms(base)
+    log(f"{name} full: judge {full_acc:.3f}, step {full_ms:.2f} ms at batch {2 * args.samples} (CFG), "
+        f"{time.perf_counter() - t0:.1f}s")
+    common = {"model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "batch": args.samples, "steps": args.steps, "guidance": args.guidance, "compiled": False,
+              "dtype": str(dtype).replace("torch.", "")}
+    rows.append({**common, "config": "bf16" if dtype == torch.bfloat16 else "float", "peer": False,
+                 "low_precision_kernel": False, "speedup": 1.0, "step_ms": full_ms, "weight_mb": weight_mb(base.transformer),
+                 "peak_mem_mb": None, "psnr_db": None, "ssim": 1.0, "judge_accuracy": full_acc, "stage": "fidelity"})
+
+    stats_file = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
+    t0 = time.perf_counter()
+    calibrate(base, seeds=calib_seeds, labels=calib_labels, steps=args.steps, guidance=args.guidance,
+              num_groups=args.groups, progress=False).save(stats_file)
+    log(f"activation stats from {len(calib_seeds)} calibration seeds x {args.steps} steps: {time.perf_counter() - t0:.1f}s")
+    del base
+
+    worst: tuple[float, str, dict] | None = None
+    for cname, peer, kind, settings in FIDELITY_CONFIGS:
+        if selected and not any(s in cname for s in selected):
+            continue
+        if budget_left() <= 0:
+            log(f"budget: skipping {cname}")
+            continue
+        row = {**common, "config": cname, "peer": peer, "settings": settings, "stage": "fidelity"}
+        try:
+            loaded = fresh()
+            info = apply_config(loaded.transformer, kind, settings, stats_file)
+            out = run(loaded)
+            ms = step_ms(loaded)
+            ops = low_precision_ops(lambda: generate(loaded, labels[:2], seeds[:2], num_steps=1), device)
+            p = psnr(out, full)
+            row.update(info, psnr_db=p, ssim=ssim(out, full), judge_accuracy=judge_accuracy(judge, out, labels),
+                       step_ms=ms, speedup=full_ms / ms, weight_mb=weight_mb(loaded.transformer), peak_mem_mb=None,
+                       low_precision_kernel=bool(ops), low_precision_ops=ops, error=None)
+            if kind == "ptq" and (worst is None or p < worst[0]):
+                worst = (p, cname, settings)
+        except Exception as exc:  # noqa: BLE001 - one failed config is a row, not a crash
+            row.update(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300], low_precision_kernel=False,
+                       speedup=None, psnr_db=None, judge_accuracy=None, weight_mb=None, peak_mem_mb=None)
+        rows.append(row)
+        log(f"{cname:34s} psnr {row.get('psnr_db')} judge {row.get('judge_accuracy')} step {row.get('step_ms')} "
+            f"weight {row.get('weight_mb')} lowp {row.get('low_precision_ops')} {row.get('error') or ''}")
+        gc.collect()
+
+    # cumulative error compensation on the lowest-fidelity ptq config
+    if worst is not None and budget_left() > 0 and (not selected or "comp" in selected):
+        from diffspeed import apply
+        from diffspeed.methods.error_compensation import ErrorCompensationConfig
+        from diffspeed.quant.compensation import calibrate_compensation
+
+        _, cname, settings = worst
+        row = {**common, "config": f"{cname} +comp", "peer": False, "settings": {**settings, "compensation": True},
+               "stage": "fidelity"}
+        try:
+            full_model = fresh()
+            loaded = fresh()
+            apply_config(loaded.transformer, "ptq", settings, stats_file)
+            t0 = time.perf_counter()
+            table = calibrate_compensation(full_model.transformer, loaded.transformer, loaded=full_model,
+                                           seeds=calib_seeds, labels=calib_labels, num_steps=args.steps,
+                                           guidance_scale=args.guidance)
+            table_file = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+            table.save(table_file)
+            calib_s = time.perf_counter() - t0
+            gen_plain = time_callable(lambda: run(loaded), warmup=1, repeats=3, device=device).median_ms
+            handle = apply(loaded.transformer, ErrorCompensationConfig(table=table_file))
+            out = run(loaded)
+            gen_comp = time_callable(lambda: run(loaded), warmup=1, repeats=3, device=device).median_ms
+            row.update(psnr_db=psnr(out, full), ssim=ssim(out, full), judge_accuracy=judge_accuracy(judge, out, labels),
+                       weight_mb=weight_mb(loaded.transformer), peak_mem_mb=None, speedup=None,
+                       low_precision_kernel=True, compensation_calib_s=calib_s,
+                       generation_ms_without=gen_plain, generation_ms_with=gen_comp,
+                       overhead_pct=100.0 * (gen_comp - gen_plain) / gen_plain,
+                       psnr_gain_db=psnr(out, full) - worst[0], error=None)
+            handle.remove()
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            row.update(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300], low_precision_kernel=False,
+                       speedup=None, psnr_db=None, judge_accuracy=None, weight_mb=None, peak_mem_mb=None)
+        rows.append(row)
+        log(f"{row['config']:34s} psnr {row.get('psnr_db')} gain {row.get('psnr_gain_db')} overhead "
+            f"{row.get('overhead_pct')}% {row.get('error') or ''}")
+
+    # mixed precision under a weight-size budget
+    if budget_left() > 0 and (not selected or "mixed" in selected):
+        from diffspeed.quant.mixed_precision import (
+            apply_plan_, assign_bits, capture_calib_inputs, layer_sensitivity, linear_fqns, measure_layer_bytes)
+
+        row = {**common, "config": f"mixed int8_w8a8/int4 <= {args.mixed_budget:.0%} of float", "peer": False,
+               "stage": "fidelity"}
+        try:
+            loaded = fresh()
+            model = loaded.transformer
+            from diffspeed.methods.quantize import sensitive_reason
+
+            fqns = linear_fqns(model, include=lambda f, m: sensitive_reason(f) is None)
+            cands = ["int8_w8a8", "int4_weight_only"]
+            calib = capture_calib_inputs(loaded, seeds=calib_seeds[:4], labels=calib_labels[:4], num_steps=args.steps,
+                                         guidance_scale=args.guidance, shift=1.0, keep_steps=4)
+            sens = layer_sensitivity(model, fqns, cands, calib, progress=False)
+            sizes = measure_layer_bytes(model, fqns, cands)
+            float_bytes = sum(s["none"] for s in sizes.values())
+            plan = assign_bits(sens, sizes, budget_mb=args.mixed_budget * float_bytes / 1e6)
+            apply_plan_(model, plan)
+            out = run(loaded)
+            ms = step_ms(loaded)
+            counts: dict[str, int] = {}
+            for f in plan.formats.values():
+                counts[f] = counts.get(f, 0) + 1
+            row.update(settings={"budget_fraction": args.mixed_budget, "formats": counts},
+                       psnr_db=psnr(out, full), ssim=ssim(out, full), judge_accuracy=judge_accuracy(judge, out, labels),
+                       step_ms=ms, speedup=full_ms / ms, weight_mb=weight_mb(model), peak_mem_mb=None,
+                       planned_layer_bytes=plan.predicted_bytes, float_layer_bytes=float_bytes,
+                       low_precision_kernel=True, error=None)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            row.update(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300], low_precision_kernel=False,
+                       speedup=None, psnr_db=None, judge_accuracy=None, weight_mb=None, peak_mem_mb=None)
+        rows.append(row)
+        log(f"{row['config']:34s} psnr {row.get('psnr_db')} weight {row.get('weight_mb')} {row.get('error') or ''}")
+
+
+# ---- speed stage -----------------------------------------------------------------------------------
+
+def flux_width(device, dtype, blocks: tuple[int, int], seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def speed_inputs(name: str, model, batch: int, device, dtype) -> dict[str, Any]:
+    g = torch.Generator(device=device).manual_seed(0)
+    if name == "dit-xl-2":
+        return {"hidden_states": torch.randn(batch, 4, 32, 32, device=device, dtype=dtype, generator=g),
+                "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
+                "class_labels": torch.arange(batch, device=device) % 1000, "return_dict": False}
+    img, txt = 4096, 512
+    return {"hidden_states": torch.randn(batch, img, 64, device=device, dtype=dtype, generator=g),
+            "encoder_hidden_states": torch.randn(batch, txt, 4096, device=device, dtype=dtype, generator=g),
+            "pooled_projections": torch.randn(batch, 768, device=device, dtype=dtype, generator=g),
+            "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+            "img_ids": torch.zeros(img, 3, device=device, dtype=dtype),
+            "txt_ids": torch.zeros(txt, 3, device=device, dtype=dtype), "return_dict": False}
+
+
+def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
+    from diffspeed.bench.timing import time_callable, track_peak_memory
+
+    cases: list[tuple[str, int]] = []
+    for m in args.speed_models.split(","):
+        if m == "dit-xl-2":
+            cases += [(m, int(b)) for b in args.dit_batches.split(",") if b]
+        elif m == "flux-width":
+            cases.append((m, args.flux_batch))
+    blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+    compile_modes = [False] if args.no_compile or device.type != "cuda" else [True]
+    pristine: dict[str, Any] = {}
+    for name, batch in cases:
+        for compiled in compile_modes:
+            base_ms = None
+            for cname, peer, kind, settings in SPEED_CONFIGS:
+                if selected and cname != "bf16" and not any(s in cname for s in selected):
+                    continue
+                if budget_left() <= 0:
+                    log(f"budget: skipping {name} b{batch} {cname}")
+                    continue
+                row = {"model": name if name != "flux-width" else f"flux-width ({blocks[0]}+{blocks[1]} blocks)",
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": batch,
+                       "config": cname, "peer": peer, "compiled": compiled, "settings": settings, "stage": "speed",
+                       "psnr_db": None, "judge_accuracy": None}
+                t0 = time.perf_counter()
+                try:
+                    if name not in pristine:  # build once on the CPU side, deep-copy per config
+                        if name == "dit-xl-2":
+                            from diffspeed.models.zoo import build_model
+
+                            pristine[name] = build_model(name, device="cpu", dtype=dtype).transformer
+                        else:
+                            pristine[name] = flux_width("cpu", dtype, blocks)
+                    model = copy.deepcopy(pristine[name]).to(device).eval()
+                    apply_config(model, kind, settings, None)
+                    inputs = speed_inputs(name, model, batch, device, dtype)
+                    ref_out = None
+                    if compiled:
+                        compile_blocks(model)
+
+                    def call():
+                        with torch.no_grad():
+                            return model(**inputs)
+
+                    call()
+                    with track_peak_memory(device) as peak:
+                        ref_out = call()[0]
+                    timing = time_callable(call, warmup=3, repeats=args.repeats, device=device)
+                    ops = low_precision_ops(call, device)
+                    if base_ms is None and kind == "none":
+                        base_ms = timing.median_ms
+                        pristine[(name, batch, "out")] = ref_out.float()
+                    base_out = pristine.get((name, batch, "out"))
+                    rel = None
+                    if base_out is not None and kind != "none":
+                        rel = float((ref_out.float() - base_out).norm() / base_out.norm())
+                    row.update(latency_ms=timing.median_ms, speedup=(base_ms / timing.median_ms) if base_ms else None,
+                               weight_mb=weight_mb(model), peak_mem_mb=peak["peak_mb"], low_precision_kernel=bool(ops),
+                               low_precision_ops=ops, rel_error_vs_bf16=rel, error=None)
+                    del model, inputs, ref_out
+                except Exception as exc:  # noqa: BLE001
+                    row.update(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300], low_precision_kernel=False,
+                               speedup=None, latency_ms=None, weight_mb=None, peak_mem_mb=None)
+                row["row_s"] = round(time.perf_counter() - t0, 1)
+                rows.append(row)
+                log(f"{row['model']} b{batch} {'compiled' if compiled else 'eager'} {cname:26s} "
+                    f"{row.get('latency_ms')} ms x{row.get('speedup')} weight {row.get('weight_mb')} MB "
+                    f"lowp {row.get('low_precision_ops')} {row.get('error') or ''} ({row['row_s']}s)")
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def make_plot(rows: list[dict[str, Any]], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fid = [r for r in rows if r.get("stage") == "fidelity" and r.get("psnr_db") is not None and r.get("weight_mb")]
+    for r in fid:
+        axes[0].scatter(r["weight_mb"], r["psnr_db"], marker="s" if r["peer"] else "o",
+                        color="tab:gray" if r["peer"] else "tab:blue")
+        axes[0].annotate(r["config"].replace("ptq ", "").replace("torchao ", "ao "), (r["weight_mb"], r["psnr_db"]),
+                         fontsize=6)
+    axes[0].set_xlabel("transformer weight MB")
+    axes[0].set_ylabel("PSNR vs unquantized (dB)")
+    axes[0].set_title("reference-image: size vs fidelity (squares: torchao)")
+    sp = [r for r in rows if r.get("stage") == "speed" and r.get("speedup")]
+    labels = [f"{r['model'].split(' ')[0]} b{r['batch']}\n{r['config'].replace('ptq ', '').replace('torchao ', 'ao ')}"
+              for r in sp]
+    axes[1].barh(range(len(sp)), [r["speedup"] for r in sp],
+                 color=["tab:gray" if r["peer"] else "tab:blue" for r in sp])
+    axes[1].set_yticks(range(len(sp)), labels, fontsize=5)
+    axes[1].axvline(1.0, color="k", lw=0.8)
+    axes[1].set_xlabel("speedup vs bf16 (same compile setting)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    stages = [s for s in args.stages.split(",") if s]
+    selected = [s for s in (args.configs or "").split(",") if s]
+    rows: list[dict[str, Any]] = []
+
+    def budget_left() -> float:
+        return args.budget_s - (time.perf_counter() - _T0)
+
+    def _finish(truncated: bool) -> None:
+        meta = {"command": " ".join(["python", "benchmarks/quantization.py", *(argv if argv is not None else sys.argv[1:])]),
+                "torch": torch.__version__, "truncated": truncated, "elapsed_s": round(time.perf_counter() - _T0, 1)}
+        try:
+            import torchao
+
+            meta["torchao"] = torchao.__version__
+        except Exception:  # noqa: BLE001
+            meta["torchao"] = None
+        for r in rows:
+            r.setdefault("meta", meta) if r is rows[0] else None
+        write_json(rows, args.out)
+        if args.plot:
+            make_plot(rows, args.plot)
+        log(f"wrote {len(rows)} rows to {args.out} (truncated={truncated})")
+
+    finish = once(_finish)
+    start_watchdog(args.hard_limit_s, _T0, finish, log)
+    for stage in stages:
+        if stage == "fidelity":
+            fidelity_stage(args, device, dtype, rows, budget_left, selected)
+        elif stage == "speed":
+            speed_stage(args, device, dtype, rows, budget_left, selected)
+        else:
+            raise SystemExit(f"unknown stage {stage!r}; use fidelity,speed")
+    finish(budget_left() <= 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
