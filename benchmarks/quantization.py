@@ -356,12 +356,10 @@ def speed_inputs(name: str, model, batch: int, device, dtype) -> dict[str, Any]:
 def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
     from diffspeed.bench.timing import time_callable, track_peak_memory
 
-    cases: list[tuple[str, int]] = []
-    for m in args.speed_models.split(","):
-        if m == "dit-xl-2":
-            cases += [(m, int(b)) for b in args.dit_batches.split(",") if b]
-        elif m == "flux-width":
-            cases.append((m, args.flux_batch))
+    # order = priority under the time budget: the first DiT batch, then FLUX width, then the other DiT batches
+    models = [m for m in args.speed_models.split(",") if m]
+    dit = [("dit-xl-2", int(b)) for b in args.dit_batches.split(",") if b] if "dit-xl-2" in models else []
+    cases: list[tuple[str, int]] = dit[:1] + ([("flux-width", args.flux_batch)] if "flux-width" in models else []) + dit[1:]
     blocks = tuple(int(x) for x in args.flux_blocks.split(","))
     compile_modes = [False] if args.no_compile or device.type != "cuda" else [True]
     pristine: dict[str, Any] = {}
