@@ -70,7 +70,7 @@ class SparseAttentionConfig(MethodConfig):
         "early on a host-side check: use backend='flex' and compile the flex kernel, not the routing"
     )
 
-    block_size: int = 64
+    block_size: int = 128
     threshold: float = 0.02
     local_window: int = 0
     global_tokens: int = 0
@@ -102,6 +102,8 @@ class SparseAttentionConfig(MethodConfig):
             raise DiffspeedError(f"sparse_attention min_tokens must be an int >= 1, got {self.min_tokens!r}")
 
 
+FLEX_CUDA_BLOCK = 128  # the flex kernel's query/key tile on CUDA; block sizes must be multiples of it
+
 # ---- the active routing target -------------------------------------------------------------------
 
 # (config, stats) of the innermost wrapped attention module being run, or None
@@ -114,6 +116,12 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
             cfg: SparseAttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) -> (out, density)."""
     use_flex = cfg.backend == "flex" or (cfg.backend == "auto" and q.is_cuda and flex_available())
+    if use_flex and q.is_cuda and cfg.block_size % FLEX_CUDA_BLOCK:
+        raise DiffspeedError(
+            f"sparse_attention block_size {cfg.block_size} does not suit the CUDA flex kernel, which tiles "
+            f"queries and keys by {FLEX_CUDA_BLOCK} (measured on an H100, torch 2.11: 64 fails); use block_size="
+            f"{FLEX_CUDA_BLOCK} or a multiple, or backend='reference'"
+        )
     fn = flex_block_sparse_attention if use_flex else block_sparse_attention
     return fn(q, k, v, block_size=cfg.block_size, threshold=cfg.threshold, local_window=cfg.local_window,
               global_tokens=cfg.global_tokens, scale=scale, return_density=True)
