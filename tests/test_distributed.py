@@ -1,4 +1,4 @@
-"""Batch splitting and CFG-parallel over a 2-process gloo group (CPU).
+"""Batch splitting and CFG-parallel over 2- and 4-process gloo groups (CPU).
 
 Starting processes and importing torch/diffusers is the cost, so every multi-process check runs in
 one spawned group (``_worker``); each rank writes its findings to a file, and the parent asserts.
@@ -104,16 +104,53 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
 
 
-def _run_group(outdir: str) -> str | None:
-    """Spawn the 2-process group; returns a note if a process died (e.g. a gloo abort at teardown)."""
+def _worker4(rank: int, world: int, port: int, outdir: str) -> None:
+    """Four ranks: batch split (with a step cache on every rank) == one process, and a split error."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    res: dict = {}
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        import diffspeed
+        from diffspeed.methods import StepCacheConfig
+        from diffspeed.models.loading import load_model
+        from diffspeed.sampler import generate
+
+        loaded = load_model("tiny-dit")
+        labels, seeds = [0, 1, 2, 3, 4, 5, 6, 7], list(range(20, 28))
+        every = generate_distributed(loaded, labels, seeds, num_steps=3, guidance_scale=2.0, all_ranks=True)
+        ref = generate(loaded, labels, seeds, num_steps=3, guidance_scale=2.0)
+        res["batch_equal"] = torch.equal(every, ref)
+        # each rank's cache decides on its own shard: equal to the cache run on that shard in one process
+        cfg = StepCacheConfig(threshold=50.0, max_consecutive=2, warmup_steps=1, final_steps=1)
+        with diffspeed.apply(loaded.transformer, cfg) as h:
+            cached = generate_distributed(loaded, labels, seeds, num_steps=6, guidance_scale=2.0, all_ranks=True)
+            res["cache_skipped"] = h.stats["skipped_steps"]
+        lo, hi = shard_bounds(len(seeds), world, rank)
+        with diffspeed.apply(loaded.transformer, cfg):
+            mine = generate(loaded, labels[lo:hi], seeds[lo:hi], num_steps=6, guidance_scale=2.0)
+        res["cache_shard_equal"] = torch.equal(cached[lo:hi], mine)
+        res["split_error"] = _expect_error(generate_distributed, loaded, labels[:6], seeds[:6], num_steps=2)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        res["fatal"] = traceback.format_exc()
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def _run_group(outdir: str, world: int = WORLD, worker=None) -> str | None:
+    """Spawn a ``world``-process group; returns a note if a process died (e.g. a gloo abort at teardown)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=False)
+    ctx = mp.spawn(worker or _worker, args=(world, _free_port(), outdir), nprocs=world, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process group did not finish within {JOIN_TIMEOUT_S} s (hang?)")
+                pytest.fail(f"the {world}-process group did not finish within {JOIN_TIMEOUT_S} s (hang?)")
     except mp.ProcessExitedException as exc:  # judged below by what the ranks wrote
         return str(exc)
     finally:
@@ -195,6 +232,24 @@ def test_no_process_group_is_a_clear_error(tiny_dit):
     cond = tiny_dit.make_condition([0], torch.device("cpu"))
     with pytest.raises(DiffspeedError, match="init_process_group"):
         sample_cfg_parallel(tiny_dit.transformer, cond, seeds=[0], num_steps=2, guidance_scale=2.0)
+
+
+def test_four_ranks_batch_split_and_cache_per_shard(tmp_path):
+    note = None
+    for attempt in range(2):
+        outdir = str(tmp_path / f"w4_{attempt}")
+        os.makedirs(outdir)
+        note = _run_group(outdir, world=4, worker=_worker4)
+        if all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in range(4)):
+            break
+    else:
+        pytest.fail(f"the 4-process group failed twice: {note}")
+    for r in range(4):
+        res = torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+        assert "fatal" not in res, f"rank {r} failed:\n{res['fatal']}"
+        assert res["batch_equal"] is True
+        assert res["cache_shard_equal"] is True and res["cache_skipped"] > 0
+        assert res["split_error"] is not None and "6 seeds cannot be split evenly over 4 ranks" in res["split_error"]
 
 
 def test_shard_bounds():
