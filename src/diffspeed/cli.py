@@ -1,4 +1,4 @@
-"""Command line: ``diffspeed generate | bench | demo | methods | train``.
+"""Command line: ``diffspeed generate | bench | demo | methods | train | calibrate | quantize | plan-bits | sweep``.
 
 User errors (bad model name, bad option values, unwritable outputs, invalid recipes) exit with code 2
 and one line on stderr; nothing is written. Anything else is a bug and keeps its traceback.
@@ -118,7 +118,8 @@ def generate(
     elapsed = time.perf_counter() - t0
     if handle is not None:
         stats = handle.stats
-        handle.remove()
+        if not any(c.in_place for c in recipes[0].methods):  # in-place methods (ptq_, quantize_) cannot be undone;
+            handle.remove()  # the model is discarded anyway
     from .media import save_image_grid, save_video
 
     if loaded.is_video:
@@ -226,8 +227,14 @@ def _mount_calibrate() -> None:
     try:
         from .calibrate import app as calibrate_app
     except ImportError:  # pragma: no cover
-        return
-    app.add_typer(calibrate_app, name="calibrate", help="Offline calibration of cache schedules (e.g. ERTACache).")
+        calibrate_app = None
+    if calibrate_app is not None:
+        app.add_typer(calibrate_app, name="calibrate",
+                      help="Offline calibration: erta (ERTACache schedules), activations (static w8a8 scales / "
+                           "SmoothQuant), compensation (quantization error-compensation tables).")
+    from .quant_cli import register
+
+    register(app, calibrate_app)
 
 
 def _mount_gates() -> None:
