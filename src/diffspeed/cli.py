@@ -102,6 +102,9 @@ def generate(
     check_writable(out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     recipes = _recipes([recipe] if recipe else None)
     dev, dt = _torch_setup(device, dtype)
+    from .distributed import generate_distributed, init_from_env
+
+    rank, world, dev = init_from_env(dev)  # under torchrun: the samples are split over the ranks
     loaded = _load(model, dev, dt)
     if loaded.is_video and out.suffix.lower() not in VIDEO_SUFFIXES:
         raise DiffspeedError(f"{model} is a video model: use a .gif or .mp4 output, not {out.suffix}")
@@ -113,8 +116,11 @@ def generate(
 
     handle = apply_recipe(loaded.transformer, recipes[0]) if recipes else None
     t0 = time.perf_counter()
-    pixels = gen(loaded, labels, [seed + i for i in range(num)], num_steps=steps, guidance_scale=guidance,
-                 cfg_mode=cfg_mode, progress=True)
+    sample_kwargs = dict(num_steps=steps, guidance_scale=guidance, cfg_mode=cfg_mode)
+    if world > 1:
+        pixels = generate_distributed(loaded, labels, [seed + i for i in range(num)], progress=rank == 0, **sample_kwargs)
+    else:
+        pixels = gen(loaded, labels, [seed + i for i in range(num)], progress=True, **sample_kwargs)
     elapsed = time.perf_counter() - t0
     if handle is not None:
         stats = handle.stats
@@ -122,11 +128,14 @@ def generate(
             handle.remove()  # the model is discarded anyway
     from .media import save_image_grid, save_video
 
+    if pixels is None:  # a rank other than 0 under torchrun: rank 0 writes the gathered batch
+        return
     if loaded.is_video:
         save_video(pixels, out)
     else:
         save_image_grid(pixels, out, scale=2)
-    console.print(f"wrote {out} ({num} samples, {steps} steps, {elapsed:.2f} s)")
+    console.print(f"wrote {out} ({num} samples, {steps} steps, {elapsed:.2f} s"
+                  + (f", {world} ranks)" if world > 1 else ")"))
     if handle is not None and any(stats.values()):
         console.print(f"method stats: {stats}")
 
@@ -158,12 +167,23 @@ def bench(
 
     recipes = [Recipe()] + _recipes(recipe)
     dev, dt = _torch_setup(device, dtype)
+    from .distributed import bench_distributed, init_from_env
+
+    rank, world, dev = init_from_env(dev)  # under torchrun: each rank measures its shard of the samples
+    if world > 1 and num % world:
+        raise DiffspeedError(f"--num {num} cannot be split evenly over {world} ranks; use a multiple of {world}")
     loaded = _load(model, dev, dt)
     from .bench.runner import print_table, run_bench, write_json
 
     labels = _labels(loaded, None, num)
-    rows = run_bench(loaded, recipes, seeds=[seed + i for i in range(num)], labels=labels, num_steps=steps,
-                     guidance_scale=guidance, cfg_mode=cfg_mode, warmup=warmup, repeats=repeats)
+    kwargs = dict(num_steps=steps, guidance_scale=guidance, cfg_mode=cfg_mode, warmup=warmup, repeats=repeats)
+    seeds = [seed + i for i in range(num)]
+    if world > 1:
+        rows = bench_distributed(loaded, recipes, seeds, labels, **kwargs)
+        if rows is None:
+            return
+    else:
+        rows = run_bench(loaded, recipes, seeds=seeds, labels=labels, **kwargs)
     print_table(rows)
     if json_path is not None:
         write_json(rows, json_path)

@@ -215,3 +215,44 @@ def sample_cfg_parallel(
     if check_finite:
         _check_finite(x)
     return x
+
+
+# ---- torchrun entry (the CLI) ----------------------------------------------------------------------
+
+def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world, device) for a process started by ``torchrun``: initialise the default process
+    group from the environment (gloo on CPU, nccl on CUDA, each rank on GPU ``LOCAL_RANK``) when
+    ``WORLD_SIZE`` > 1; ``(0, 1, device)`` otherwise (a plain single process)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def bench_distributed(loaded: LoadedModel, recipes: Sequence[Any], seeds: Sequence[int], labels: Sequence[int],
+                      **bench_kwargs: Any) -> list[dict[str, Any]] | None:
+    """Split the benchmark's samples over the ranks (each rank measures its shard with
+    :func:`~diffspeed.bench.runner.run_bench`) and gather the rows on rank 0 (``None`` elsewhere), each
+    tagged with ``rank`` and its ``seeds``. The world size must divide the number of samples."""
+    import torch.distributed as dist
+
+    from .bench.runner import run_bench
+
+    rank, world = _world(None)
+    seeds, labels = list(seeds), list(labels)
+    start, stop = shard_bounds(len(seeds), world, rank)
+    rows = run_bench(loaded, list(recipes), seeds=seeds[start:stop], labels=labels[start:stop], **bench_kwargs)
+    for row in rows:
+        row["rank"], row["world_size"], row["seeds"] = rank, world, seeds[start:stop]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return [r for part in gathered for r in part] if rank == 0 else None
