@@ -106,6 +106,9 @@ class MotionCacheConfig(MethodConfig):
         refreshes every token's cache.
     max_age: a token whose cached residual would be older than this many steps is recomputed first.
     final_steps: the last steps are computed in full; needs a known step count.
+    full_context: (Wan) recomputed tokens attend to keys / values of every token (each block's
+        cached self-attention input, refreshed for the recomputed rows), not only to each other.
+        False = the old subset-only attention (much lower fidelity; kept for comparison).
     """
 
     method: ClassVar[str] = "motion_cache"
@@ -132,6 +135,7 @@ class MotionCacheConfig(MethodConfig):
     full_every: int = 4
     max_age: int = 3
     final_steps: int = 1
+    full_context: bool = True
 
     def __post_init__(self) -> None:
         require_recompute_ratio("motion_cache", self.recompute_ratio)
@@ -297,7 +301,8 @@ def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: Mod
                             idx: torch.Tensor) -> None:
         cache["change"].scatter_(1, idx, _rel_change(new_res, res.gather(1, idx_d)))
 
-    runner = TokenSubsetRunner(ctx, key, stats, n_blocks, fam, select, cache_fields, on_partial_residual)
+    runner = TokenSubsetRunner(ctx, key, stats, n_blocks, fam, select, cache_fields, on_partial_residual,
+                              full_context=config.full_context)
     for i, (_, block, io) in enumerate(blocks):
         runner.wrap_block(handle, i, block, io)
     handle.on_remove(wrap_forward(base, model_wrapper).remove)

@@ -12,6 +12,13 @@ per-token values they keep in their cache. What they share lives here:
 * :class:`TokenSubsetRunner`: the gather at the first block's input, the reduced arguments of every
   block call, the residual cache refresh after a full run and the scatter after a partial run, plus
   the ``full_steps`` / ``partial_steps`` / ``tokens_*`` / ``skipped_fraction`` statistics.
+* Optional *full-context self-attention* (``full_context=True``, Wan only): on a partial step the
+  recomputed tokens' queries attend to keys / values of **every** token, not just the recomputed
+  subset. Each block's self-attention input (the normalised, modulated hidden states) is cached per
+  token; on a partial step the recomputed rows are scattered into that cache (so it always holds
+  each token's latest value) and K / V are projected from the whole of it. Without it, a partial
+  step changes every recomputed token's attention context (half the sequence missing at ratio
+  0.5), which costs far more fidelity than reusing stale residuals does.
 
 A method supplies ``select(st, plan, hidden, rotary) -> bool`` which, when it returns True, has put
 ``plan["idx"]`` (B, K) sorted token indices, ``plan["rotary"]`` (the reduced rotary table) and
@@ -98,6 +105,57 @@ def _reduce_rotary(rotary: Any, mode: str, idx: torch.Tensor) -> Any:
     return fn(rotary)
 
 
+# ---- full-context self-attention (Wan) ---------------------------------------------------------
+def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' WanAttnProcessor rotary embedding, op for op (so ratio 1.0 stays bit-identical)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _wan_attn_supported(attn: nn.Module) -> bool:
+    """A stock diffusers Wan self-attention (its default processor, no image K/V)."""
+    proc = getattr(attn, "processor", None)
+    return (type(proc).__name__ == "WanAttnProcessor" and getattr(attn, "add_k_proj", None) is None
+            and not getattr(attn, "is_cross_attention", False) and hasattr(attn, "to_out"))
+
+
+def _wan_self_attention(attn: nn.Module, x_q: torch.Tensor, x_kv: torch.Tensor, rot_q: Any, rot_kv: Any,
+                        mask: Any = None) -> torch.Tensor:
+    """Wan self-attention with queries from ``x_q`` (B, K, D) and keys / values from ``x_kv`` (B, N, D).
+
+    Mirrors ``WanAttnProcessor`` (same ops in the same order); with ``x_q is x_kv`` it equals it.
+    """
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    if getattr(attn, "fused_projections", False):
+        w_q, w_k, w_v = attn.to_qkv.weight.chunk(3, dim=0)
+        b_q, b_k, b_v = (attn.to_qkv.bias.chunk(3, dim=0) if attn.to_qkv.bias is not None else (None,) * 3)
+        query = torch.nn.functional.linear(x_q, w_q, b_q)
+        key = torch.nn.functional.linear(x_kv, w_k, b_k)
+        value = torch.nn.functional.linear(x_kv, w_v, b_v)
+    else:
+        query, key, value = attn.to_q(x_q), attn.to_k(x_kv), attn.to_v(x_kv)
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rot_q is not None:
+        query = _wan_rotary(query, *rot_q)
+        key = _wan_rotary(key, *rot_kv)
+    backend = getattr(attn.processor, "_attention_backend", None)
+    out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend,
+                                parallel_config=None)
+    out = out.flatten(2, 3).type_as(query)
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out)
+
+
 # ---- the partial-run machinery ------------------------------------------------------------------
 Select = Callable[[dict, dict, torch.Tensor, Any], bool]
 CacheFields = Callable[[Any, torch.Tensor], dict]
@@ -117,14 +175,18 @@ class TokenSubsetRunner:
     on_partial_residual: ``(cache, residual, new_res, idx_d, idx)`` called after a partial run,
         before the cached residual is updated (``residual`` still holds the old values).
     require_3d: keep the cache only for (B, N, D) hidden states.
+    full_context: on partial steps the recomputed tokens' self-attention reads keys / values of all
+        tokens (cached self-attention inputs, refreshed row by row); Wan blocks with the stock
+        attention processor only, others keep the subset-only attention. See the module docstring.
     """
 
     def __init__(self, ctx: Any, key: str, stats: dict, n_blocks: int, fam: _Family | None, select: Select,
                  cache_fields: CacheFields, on_partial_residual: PartialHook | None = None,
-                 require_3d: bool = False) -> None:
+                 require_3d: bool = False, full_context: bool = False) -> None:
         self.ctx, self.key, self.stats, self.n_blocks, self.fam = ctx, key, stats, n_blocks, fam
         self.select, self.cache_fields, self.on_partial_residual = select, cache_fields, on_partial_residual
         self.require_3d = require_3d
+        self.full_context = full_context and fam is _WAN
 
     def reduce_args(self, plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         idx = plan["idx"]
@@ -152,6 +214,8 @@ class TokenSubsetRunner:
         plan["started"] = True
         rotary = _get_arg(args, kwargs, self.fam.rotary) if self.fam is not None else None
         plan["rotary_present"] = rotary is not None
+        plan["rotary_full"] = rotary
+        plan["attn_in"] = {}
         b, n = hidden.shape[:2]
         partial = (plan["partial"] and (not self.require_3d or hidden.dim() == 3)
                    and self.select(st, plan, hidden, rotary))
@@ -182,6 +246,9 @@ class TokenSubsetRunner:
             **extra,
             "age": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device),
         }
+        attn_in = plan.get("attn_in") or {}
+        if self.full_context and len(attn_in) == self.n_blocks:
+            st["cache"]["attn_in"] = attn_in  # per block: the self-attention input of every token
         return out
 
     def finish_partial(self, st: dict, plan: dict, io: BlockIO, out: Any) -> Any:
@@ -218,6 +285,34 @@ class TokenSubsetRunner:
             plan["started"] = False
         return out
 
+    def attn_wrapper(self, i: int, attn: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """Block ``i``'s self-attention: record its full input on full runs, attend to all tokens on partial ones."""
+        st = self.ctx.state(self.key)
+        plan = st.get("plan")
+        if plan is None or not plan.get("started") or plan.get("block") != i:
+            return inner(*args, **kwargs)
+        x = args[0] if args else kwargs.get("hidden_states")
+        extra_ok = (len(args) <= 1 or args[1] is None) and kwargs.get("encoder_hidden_states") is None
+        if not plan["partial"]:
+            if isinstance(x, torch.Tensor) and x.shape == plan["h_in"].shape and extra_ok:
+                plan["attn_in"][i] = x
+            return inner(*args, **kwargs)
+        cached = st["cache"].get("attn_in")
+        x_full = cached.get(i) if cached is not None else None
+        if (x_full is None or not isinstance(x, torch.Tensor) or not extra_ok or x_full.dtype != x.dtype
+                or not _wan_attn_supported(attn)):
+            return inner(*args, **kwargs)  # subset-only attention
+        idx = plan["idx"]
+        x_full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)  # latest value of every token
+        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+        rot_q = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
+        rot_kv = plan["rotary_full"] if rot_q is not None else None
+        return _wan_self_attention(attn, x, x_full, rot_q, rot_kv, mask)
+
     def wrap_block(self, handle: MethodHandle, i: int, block: nn.Module, io: BlockIO) -> None:
         fn = lambda inner, *a, _i=i, _io=io, **k: self.block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731
         handle.on_remove(wrap_forward(block, fn).remove)
+        attn = getattr(block, "attn1", None) if self.full_context else None
+        if isinstance(attn, nn.Module):
+            afn = lambda inner, *a, _i=i, _m=attn, **k: self.attn_wrapper(_i, _m, inner, *a, **k)  # noqa: E731
+            handle.on_remove(wrap_forward(attn, afn).remove)
