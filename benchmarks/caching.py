@@ -90,7 +90,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
 
 import torch  # noqa: E402
 
-from diffspeed.bench.script import fmt as _f, once, start_watchdog  # noqa: E402
+from diffspeed.bench.script import Budget, fmt as _f, once, record_drift, start_watchdog  # noqa: E402
 
 PSNR_BAR = 30.0  # dB: the fidelity bar of the summary
 IDENTICAL_PSNR = 100.0  # where bit-identical outputs are drawn in the plot
@@ -552,22 +552,6 @@ def _erta_config(cls: Any, path: str, settings: dict[str, Any]) -> Any:
 # ---- stages ------------------------------------------------------------------------------------
 
 
-class Budget:
-    def __init__(self, budget_s: float) -> None:
-        self.budget_s = budget_s
-        self.partial = False
-        self.skipped: list[str] = []
-        self.last_row_s = 0.0
-
-    def allows(self, what: str, estimate_s: float | None = None) -> bool:
-        est = self.last_row_s * 1.5 if estimate_s is None else estimate_s
-        if time.perf_counter() - _T0 + est > self.budget_s:
-            self.partial = True
-            self.skipped.append(what)
-            return False
-        return True
-
-
 def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype,
               rows: list[dict[str, Any]], writer: Callable[[], None], budget: Budget, stages: set[str]) -> None:
     try:
@@ -627,15 +611,8 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
                     failed_peers[entry.method] = row["error"]
                 _log_row(row)
             # the full model again at the end: how much the machine drifted while the rows were measured
-            from diffspeed.bench.timing import time_callable
-
             try:
-                end_ms = time_callable(bench.gen, warmup=0, repeats=args.repeats, device=device).median_ms
-                full["latency_end_ms"] = end_ms
-                full["drift_pct"] = 100.0 * (end_ms / full["latency_ms"] - 1.0)
-                if abs(full["drift_pct"]) > 5:
-                    full["notes"].append(f"full model latency {full['drift_pct']:+.1f}% at the end of the rows vs the "
-                                         "start: speedups carry that much uncertainty")
+                record_drift(full, bench.gen, args.repeats, device)
                 writer()
             except Exception as exc:  # noqa: BLE001
                 log(f"{label}: final full-model timing failed: {type(exc).__name__}: {exc}")
@@ -824,7 +801,7 @@ def summarize(rows: Sequence[dict[str, Any]], budget: Budget, elapsed: float) ->
                              default=None),
         "rows": len(rows), "errors": sum(1 for r in rows if r.get("error")),
         "not_restored": sum(1 for r in rows if r.get("restored") is False),
-        "partial": budget.partial, "skipped": len(budget.skipped), "elapsed_s": round(elapsed, 1),
+        "partial": budget.truncated, "skipped": len(budget.skipped), "elapsed_s": round(elapsed, 1),
     }
 
 
@@ -949,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffspeed.bench.runner import write_json
 
     rows: list[dict[str, Any]] = []
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, _T0)
     lock = threading.Lock()
 
     def writer() -> None:
@@ -959,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     @once
     def finish(truncated: bool) -> None:
         if truncated:
-            budget.partial = True
+            budget.truncated = True
         try:
             writer()
             if args.plot:

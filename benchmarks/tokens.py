@@ -95,7 +95,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from diffspeed.bench.script import fmt as _f, once, start_watchdog  # noqa: E402
+from diffspeed.bench.script import Budget, fmt as _f, once, record_drift, start_watchdog  # noqa: E402
 
 PSNR_BAR = 30.0
 IDENTICAL_PSNR = 100.0  # where identical outputs are drawn in the plot
@@ -448,22 +448,6 @@ class Bench:
 # ---- budget and the run ------------------------------------------------------------------------
 
 
-class Budget:
-    def __init__(self, budget_s: float) -> None:
-        self.budget_s = budget_s
-        self.truncated = False
-        self.skipped: list[str] = []
-        self.last_row_s = 0.0
-
-    def allows(self, what: str, estimate_s: float | None = None) -> bool:
-        est = self.last_row_s * 1.5 if estimate_s is None else estimate_s
-        if time.perf_counter() - _T0 + est > self.budget_s:
-            self.truncated = True
-            self.skipped.append(what)
-            return False
-        return True
-
-
 def _log_row(row: dict[str, Any]) -> None:
     if row.get("error"):
         log(f"  {row['method']:<17} ERROR {str(row['error'])[:160]}")
@@ -531,16 +515,9 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows
             # first sparse flex row compiles: do not let it inflate the estimate for ever
             budget.last_row_s = max(0.5 * budget.last_row_s, min(time.perf_counter() - t0, 4 * budget.last_row_s + 1))
             _log_row(row)
-        from diffspeed.bench.timing import time_callable
-
         if budget.allows(f"{label} final full timing", estimate_s=budget.last_row_s * 0.5):
             try:
-                end_ms = time_callable(bench.gen, warmup=0, repeats=args.repeats, device=device).median_ms
-                full["latency_end_ms"] = end_ms
-                full["drift_pct"] = 100.0 * (end_ms / full["latency_ms"] - 1.0)
-                if abs(full["drift_pct"]) > 5:
-                    full["notes"].append(f"full model latency {full['drift_pct']:+.1f}% at the end of the rows vs "
-                                         "the start: speedups carry that much uncertainty")
+                record_drift(full, bench.gen, args.repeats, device)
                 writer()
             except Exception as exc:  # noqa: BLE001
                 log(f"{label}: final full timing failed: {type(exc).__name__}: {exc}")
@@ -730,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--device cuda requested but CUDA is not available")
     dtype = getattr(torch, args.dtype)
     rows: list[dict[str, Any]] = []
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, _T0)
     lock = threading.Lock()
 
     def writer() -> None:

@@ -60,6 +60,24 @@ def load_tiny(name: str):
     return load_model(name)
 
 
+class RoundLinear(torch.nn.Module):
+    """A test-local lossy weight quantizer: per-row symmetric ``bits``-bit codes (int8 storage) and
+    float32 row scales, dequantized on the fly (shared by the quantization test modules)."""
+
+    def __init__(self, lin: torch.nn.Linear, bits: int) -> None:
+        super().__init__()
+        w = lin.weight.detach().float()
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
+        self.bits = bits
+        self.register_buffer("codes", torch.round(w / scale).clamp(-qmax - 1, qmax).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, (self.codes.float() * self.scale).to(x.dtype), self.bias)
+
+
 def assert_did_work(stats, key: str) -> None:
     """The work counter ``key`` of a method's stats must be > 0: a no-op method leaves it at 0."""
     assert stats.get(key, 0) > 0, f"stat {key!r} shows no work done: {dict(stats)}"

@@ -7,12 +7,6 @@ check runs in one spawned group; each rank writes its findings to a file, and th
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-import traceback
-
 import pytest
 import torch
 
@@ -21,32 +15,17 @@ from diffspeed.context_parallel import (
 )
 from diffspeed.errors import DiffspeedError
 
+from dist_helpers import expect_error as _expect_error
+from dist_helpers import rank_group, spawn_group
+
 WORLD = 2
 JOIN_TIMEOUT_S = 150  # a safety net only: the group runs in ~15 s
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _expect_error(fn, *args, **kwargs) -> str | None:
-    try:
-        fn(*args, **kwargs)
-    except DiffspeedError as exc:
-        return str(exc)
-    return None
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    res: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+    with rank_group(rank, world, port, outdir) as res:
         import diffspeed
         from diffspeed.methods import BlockCacheConfig
         from diffspeed.models.loading import load_model
@@ -106,29 +85,11 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         with enable_context_parallel(flux.transformer, ulysses_degree=2):
             res["after_errors_diff"] = float((predict(flux) - ref_out).abs().max())
         dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        res["crash"] = traceback.format_exc()
-    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    outdir = str(tmp_path_factory.mktemp("cp"))
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.time() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("context-parallel workers hung (a collective never completed)")
-    out = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
-    for r, res in enumerate(out):
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-    return out
+    return spawn_group(_worker, lambda attempt: str(tmp_path_factory.mktemp(f"cp{attempt}")), WORLD, JOIN_TIMEOUT_S)
 
 
 def test_ulysses_matches_single_process(results):

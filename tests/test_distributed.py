@@ -6,11 +6,7 @@ one spawned group (``_worker``); each rank writes its findings to a file, and th
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
@@ -18,35 +14,15 @@ import torch
 from diffspeed.distributed import generate_distributed, sample_cfg_parallel, shard_bounds
 from diffspeed.errors import DiffspeedError
 
+from dist_helpers import expect_error as _expect_error
+from dist_helpers import rank_group, spawn_group
+
 WORLD = 2
 JOIN_TIMEOUT_S = 150  # a safety net only: the group itself runs in ~10-20 s
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _expect_error(fn, *args, **kwargs) -> str | None:
-    """The DiffspeedError message of fn(...), or None if it did not raise."""
-    try:
-        fn(*args, **kwargs)
-    except DiffspeedError as exc:
-        return str(exc)
-    return None
-
-
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    res: dict = {}
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    with rank_group(rank, world, port, outdir) as res:
         import diffspeed
         from diffspeed.methods import StepCacheConfig
         from diffspeed.models.loading import load_model
@@ -98,23 +74,11 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         # the group is still usable after the errors
         after = generate_distributed(loaded, [0, 1], [10, 11], num_steps=2, all_ranks=True)
         res["after_errors_ok"] = after is not None and after.shape[0] == 2
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        res["fatal"] = traceback.format_exc()
-    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
 
 
 def _worker4(rank: int, world: int, port: int, outdir: str) -> None:
     """Four ranks: batch split (with a step cache on every rank) == one process, and a split error."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    res: dict = {}
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    with rank_group(rank, world, port, outdir) as res:
         import diffspeed
         from diffspeed.methods import StepCacheConfig
         from diffspeed.models.loading import load_model
@@ -135,52 +99,11 @@ def _worker4(rank: int, world: int, port: int, outdir: str) -> None:
             mine = generate(loaded, labels[lo:hi], seeds[lo:hi], num_steps=6, guidance_scale=2.0)
         res["cache_shard_equal"] = torch.equal(cached[lo:hi], mine)
         res["split_error"] = _expect_error(generate_distributed, loaded, labels[:6], seeds[:6], num_steps=2)
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        res["fatal"] = traceback.format_exc()
-    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-
-
-def _run_group(outdir: str, world: int = WORLD, worker=None) -> str | None:
-    """Spawn a ``world``-process group; returns a note if a process died (e.g. a gloo abort at teardown)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(worker or _worker, args=(world, _free_port(), outdir), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-process group did not finish within {JOIN_TIMEOUT_S} s (hang?)")
-    except mp.ProcessExitedException as exc:  # judged below by what the ranks wrote
-        return str(exc)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return None
 
 
 @pytest.fixture(scope="module")
 def group_results(tmp_path_factory):
-    # A rank can die by a signal after writing its results (a gloo thread aborting at interpreter exit,
-    # seen once on a loaded 2-core machine) or before starting (a port taken between probe and bind):
-    # the first is harmless, the second is retried once with a fresh port.
-    note = None
-    for attempt in range(2):
-        outdir = str(tmp_path_factory.mktemp(f"dist{attempt}"))
-        note = _run_group(outdir)
-        if all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)):
-            break
-    else:
-        pytest.fail(f"the 2-process group failed twice: {note}")
-    results = []
-    for r in range(WORLD):
-        path = os.path.join(outdir, f"rank{r}.pt")
-        assert os.path.exists(path), f"rank {r} wrote no results"
-        res = torch.load(path, weights_only=False)
-        assert "fatal" not in res, f"rank {r} failed:\n{res['fatal']}"
-        results.append(res)
-    return results
+    return spawn_group(_worker, lambda attempt: str(tmp_path_factory.mktemp(f"dist{attempt}")), WORLD, JOIN_TIMEOUT_S)
 
 
 def test_batch_split_equals_single_process_bitwise(group_results):
@@ -235,18 +158,11 @@ def test_no_process_group_is_a_clear_error(tiny_dit):
 
 
 def test_four_ranks_batch_split_and_cache_per_shard(tmp_path):
-    note = None
-    for attempt in range(2):
-        outdir = str(tmp_path / f"w4_{attempt}")
-        os.makedirs(outdir)
-        note = _run_group(outdir, world=4, worker=_worker4)
-        if all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in range(4)):
-            break
-    else:
-        pytest.fail(f"the 4-process group failed twice: {note}")
-    for r in range(4):
-        res = torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-        assert "fatal" not in res, f"rank {r} failed:\n{res['fatal']}"
+    def outdir(attempt: int) -> str:
+        os.makedirs(tmp_path / f"w4_{attempt}")
+        return str(tmp_path / f"w4_{attempt}")
+
+    for res in spawn_group(_worker4, outdir, 4, JOIN_TIMEOUT_S):
         assert res["batch_equal"] is True
         assert res["cache_shard_equal"] is True and res["cache_skipped"] > 0
         assert res["split_error"] is not None and "6 seeds cannot be split evenly over 4 ranks" in res["split_error"]

@@ -15,27 +15,11 @@ from diffspeed.methods import ErrorCompensationConfig
 from diffspeed.quant.compensation import CompensationTable, calibrate_compensation, fit_channel_affine
 from diffspeed.sampler import generate
 
-from method_tester import MethodTests, count_host_syncs, load_tiny
+from method_tester import MethodTests, RoundLinear, count_host_syncs, load_tiny
 
 STEPS, GUIDANCE = 8, 3.0
 CAL_SEEDS = [0, 1, 2, 3]
 HELD_OUT = [100, 101, 102, 103]  # never seen by calibration
-
-
-class RoundLinear(nn.Module):
-    """Test-local lossy weight quantizer: per-row symmetric ``bits``-bit codes, dequantized on the fly."""
-
-    def __init__(self, lin: nn.Linear, bits: int) -> None:
-        super().__init__()
-        w = lin.weight.detach().float()
-        qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
-        self.register_buffer("codes", torch.round(w / scale).clamp(-qmax - 1, qmax).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
-
-    def forward(self, x):
-        return nn.functional.linear(x, (self.codes.float() * self.scale).to(x.dtype), self.bias)
 
 
 def quantize_blocks(model: nn.Module, bits: int) -> nn.Module:

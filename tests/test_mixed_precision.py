@@ -17,27 +17,10 @@ from diffspeed.quant.mixed_precision import (
     measure_layer_bytes,
 )
 
-from method_tester import load_tiny
+from method_tester import RoundLinear, load_tiny
 
 
 # ---- a test-local quantizer: real weight rounding, with honest storage accounting ---------------------
-class RoundLinear(nn.Module):
-    """Per-row symmetric ``bits``-bit weights (codes + float32 row scales), dequantized on the fly."""
-
-    def __init__(self, lin: nn.Linear, bits: int) -> None:
-        super().__init__()
-        w = lin.weight.detach().float()
-        qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
-        self.bits = bits
-        self.register_buffer("codes", torch.round(w / scale).clamp(-qmax - 1, qmax).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
-
-    def forward(self, x):
-        return nn.functional.linear(x, (self.codes.float() * self.scale).to(x.dtype), self.bias)
-
-
 BITS = {"w8": 8, "w4": 4, "w2": 2}
 
 

@@ -79,11 +79,10 @@ def test_partial_step_flops_drop_by_expected_fraction(model_name):
     k = math.ceil(0.5 * n)
     text = 8 if model_name == "tiny-cogvideox" else 0  # CogVideoX's text tokens always run through the blocks
     expected = (text + k) / (text + n)
-    if model_name == "tiny-wan":
-        # full-context attention: the n - k reused tokens still get their self-attention K and V
-        # projected (2 x 2*D*D flops per token and block); everything else scales with k / n
-        d = tr.config.num_attention_heads * tr.config.attention_head_dim
-        expected += (n - k) * 4 * d * d * len(blocks) / full_blocks
+    # full-context attention: the n - k reused tokens still get their self-attention K and V
+    # projected (2 x 2*D*D flops per token and block); everything else scales with k / n
+    d = tr.config.num_attention_heads * tr.config.attention_head_dim
+    expected += (n - k) * 4 * d * d * len(blocks) / full_blocks
     assert part_total < full_total
     assert abs(part_blocks / full_blocks - expected) < 0.08, (part_blocks / full_blocks, expected)
 
@@ -200,7 +199,7 @@ def test_separate_branches_keep_separate_caches():
 
 def test_schedule_warmup_full_every_final():
     loaded = load_tiny("tiny-wan")
-    cfg = MotionCacheConfig(warmup_steps=3, full_every=4, final_steps=1)
+    cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=3, full_every=4, final_steps=1)
     partial_steps = []
     with diffspeed.apply(loaded.transformer, cfg) as h:
         def record(i):
@@ -246,8 +245,8 @@ def test_no_host_sync_in_hot_path():
 
 def test_json_and_defaults():
     cfg = MotionCacheConfig()
-    assert (cfg.recompute_ratio, cfg.motion_weight, cfg.warmup_steps, cfg.full_every, cfg.max_age, cfg.final_steps) == (
-        0.5, 1.0, 3, 4, 3, 1)
+    assert (cfg.recompute_ratio, cfg.motion_weight, cfg.warmup_steps, cfg.full_every, cfg.max_age, cfg.final_steps,
+            cfg.full_context) == (0.2, 1.0, 6, 4, 3, 1, True)
     assert MotionCacheConfig.stage == diffspeed.methods.Stage.TOKENS
     assert "motion_cache" in diffspeed.method_names()
     assert Recipe.from_json(Recipe((cfg.replace(recompute_ratio=0.3),)).to_json()).methods[0].recompute_ratio == 0.3
@@ -301,14 +300,15 @@ def test_wan_per_token_timestep_is_gathered_too():
     assert all(torch.isfinite(o).all() for o in outs) and not torch.equal(outs[1], base[1])
 
 
-def test_partial_step_attends_to_all_tokens():
+@pytest.mark.parametrize("model_name", ["tiny-wan", "tiny-cogvideox"])
+def test_partial_step_attends_to_all_tokens(model_name):
     """Regression: on a partial step the recomputed tokens must attend to every token (cached K/V input).
 
     With a fixed input (same latents, same timestep every step) the cached self-attention inputs and
     residuals are exact, so a partial step must reproduce the full output. The old subset-only
     attention (``full_context=False``) changed every recomputed token's attention context and is far off.
     """
-    loaded = load_tiny("tiny-wan")
+    loaded = load_tiny(model_name)
     tr, adapter = loaded.transformer, loaded.adapter
     x = torch.randn(2, *loaded.latent_shape)
     cond = loaded.make_condition([0, 1], x.device).cond

@@ -1,22 +1,13 @@
 """The quantization commands: calibrate activations / compensation, quantize, plan-bits, sweep."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from diffspeed import cli
+from test_cli import run_cli
 
 MODEL = "reference-image"
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["diffspeed", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 def ok(code, err):

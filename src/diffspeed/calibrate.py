@@ -192,13 +192,17 @@ def validate_calibration(data: Any, source: str = _IN_MEMORY) -> dict[str, Any]:
 def save_calibration(data: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON atomically (temp file in the same directory, fsync, rename)."""
     validate_calibration(data, str(path))
-    path = Path(path)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return write_text_atomic(Path(path), json.dumps(data, indent=2, allow_nan=False) + "\n", "calibration file")
+
+
+def write_text_atomic(path: Path, text: str, what: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename: a crash never
+    leaves half a file); ``what`` names the file in the error raised when it cannot be created."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise DiffspeedError(f"cannot write calibration file {path}: {exc.strerror or exc}") from None
+        raise DiffspeedError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

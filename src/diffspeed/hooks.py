@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 # wrapper(inner_forward, *args, **kwargs) -> output
@@ -85,3 +86,14 @@ def wrap_forward(module: nn.Module, wrapper: Wrapper, innermost: bool = False) -
 
 def is_wrapped(module: nn.Module) -> bool:
     return _CHAIN_ATTR in module.__dict__
+
+
+def output_tensor(out: Any) -> torch.Tensor | None:
+    """The prediction in a transformer's output: the tensor itself, the first item of a tuple / list, or
+    ``.sample`` (diffusers' output classes); None if there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None

@@ -27,6 +27,12 @@ def check_writable(path: str | Path, suffixes: tuple[str, ...] | None = None) ->
         raise DiffspeedError(f"output {str(p)!r} must end with one of {', '.join(suffixes)}")
     if p.exists() and p.is_dir():
         raise DiffspeedError(f"output path {str(p)!r} is a directory")
+    check_parent_writable(p)
+    return p
+
+
+def check_parent_writable(p: Path) -> None:
+    """Raise DiffspeedError unless ``p``'s parent directory exists (or can be made) and is writable."""
     parent = p.parent if str(p.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +40,6 @@ def check_writable(path: str | Path, suffixes: tuple[str, ...] | None = None) ->
         raise DiffspeedError(f"cannot create the output directory {str(parent)!r}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise DiffspeedError(f"output directory {str(parent)!r} is not writable")
-    return p
 
 
 def _atomic_save(path: Path, save_fn) -> None:  # noqa: ANN001

@@ -136,6 +136,7 @@ def calibrate_activations(
 
 # ---- quantize ---------------------------------------------------------------------------------------
 def _check_out_dir(out: Optional[Path]) -> Path:
+    from .media import check_parent_writable
     from .methods.ptq import CONFIG_FILE, WEIGHTS_FILE
 
     if out is None:
@@ -147,13 +148,7 @@ def _check_out_dir(out: Optional[Path]) -> Path:
         if extra:
             raise DiffspeedError(f"--out {out} already holds other files ({', '.join(extra[:3])}); "
                                  "give a new or empty directory (or an old ptq_ checkpoint to overwrite)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DiffspeedError(f"cannot create the output directory {str(parent)!r}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise DiffspeedError(f"output directory {str(parent)!r} is not writable")
+    check_parent_writable(out)
     return out
 
 

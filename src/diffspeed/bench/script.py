@@ -34,6 +34,39 @@ def device_and_dtype(device: str | None, dtype: str) -> tuple[torch.device, torc
     return dev, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
+class Budget:
+    """Seconds from ``t0`` (the process start) in which new rows may start; ``truncated`` once one was refused."""
+
+    def __init__(self, budget_s: float, t0: float) -> None:
+        self.budget_s = budget_s
+        self.t0 = t0
+        self.truncated = False
+        self.skipped: list[str] = []
+        self.last_row_s = 0.0
+
+    def allows(self, what: str, estimate_s: float | None = None) -> bool:
+        """Whether ``what`` (estimated 1.5x the last row unless ``estimate_s``) still fits; records a refusal."""
+        est = self.last_row_s * 1.5 if estimate_s is None else estimate_s
+        if time.perf_counter() - self.t0 + est > self.budget_s:
+            self.truncated = True
+            self.skipped.append(what)
+            return False
+        return True
+
+
+def record_drift(full: dict[str, Any], gen: Callable[[], Any], repeats: int, device: torch.device) -> None:
+    """Time the full model's generation ``gen`` again after the rows: how much the machine drifted while
+    they were measured (``latency_end_ms``, ``drift_pct`` and, past 5 %, a note in the ``full`` row)."""
+    from .timing import time_callable
+
+    end_ms = time_callable(gen, warmup=0, repeats=repeats, device=device).median_ms
+    full["latency_end_ms"] = end_ms
+    full["drift_pct"] = 100.0 * (end_ms / full["latency_ms"] - 1.0)
+    if abs(full["drift_pct"]) > 5:
+        full["notes"].append(f"full model latency {full['drift_pct']:+.1f}% at the end of the rows vs the "
+                             "start: speedups carry that much uncertainty")
+
+
 def once(fn: Callable[[bool], Any]) -> Callable[[bool], bool]:
     """``fn(truncated)`` callable from the main thread or the watchdog; runs only the first time (True then)."""
     lock = threading.Lock()

@@ -1,8 +1,9 @@
-"""Small helpers shared by the token-level methods: config validation and model-family lookup."""
+"""Small helpers shared by the methods: config validation and model-family lookup."""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from torch import nn
@@ -33,6 +34,22 @@ def require_recompute_ratio(method: str, value: Any) -> None:
         raise DiffspeedError(
             f"{method} recompute_ratio must be in (0, 1] (e.g. 0.5; 1.0 recomputes every token), got {value!r}"
         )
+
+
+def require_patterns(method: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` is a tuple of valid regexes (a config's ``include`` / ``exclude``)."""
+    if isinstance(value, str) or not isinstance(value, tuple):
+        raise DiffspeedError(f"{method} {name} must be a list of regexes, e.g. [\"attn\"], got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise DiffspeedError(f"{method} {name} pattern {pattern!r} is not a valid regex: {exc}") from None
+
+
+def require_bool(method: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise DiffspeedError(f"{method} {name} must be true or false, got {value!r}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError
-from ..hooks import wrap_forward
+from ..hooks import output_tensor, wrap_forward
 from .base import MethodConfig, MethodHandle, Stage, register_method
 
 
@@ -93,13 +93,9 @@ def _map_sample(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
+    y = output_tensor(out)
+    if y is not None:
+        return y
     raise DiffspeedError(f"error_compensation cannot find the prediction in an output of type {type(out).__name__}")
 
 

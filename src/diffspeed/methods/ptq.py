@@ -19,7 +19,6 @@ The model is rewritten in place: ``remove()`` raises; reload the model. :func:`s
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,8 +39,10 @@ from ..quant.formats import (
     unavailable_reasons,
     weight_nbytes,
 )
+from ._validate import require_bool, require_patterns
 from .base import MethodConfig, MethodHandle, Stage, _applied, register_method
-from .quantize import _is_quantized, select_layers
+from .quantize import _finish as _finish_quantized
+from .quantize import _is_quantized, _load_into, _raise_problems, _unapplied, select_layers
 
 PTQ_FORMAT_VERSION = 1
 WEIGHTS_FILE = "ptq.safetensors"
@@ -103,16 +104,8 @@ class PTQConfig(MethodConfig):
                 "diffspeed.quant.calibration.calibrate(loaded, seeds=..., labels=..., steps=...).save(path)"
             )
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple):
-                raise DiffspeedError(f"ptq_ {name} must be a list of regexes, e.g. [\"attn\"], got {value!r}")
-            for pattern in value:
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as exc:
-                    raise DiffspeedError(f"ptq_ {name} pattern {pattern!r} is not a valid regex: {exc}") from None
-        if not isinstance(self.skip_sensitive, bool):
-            raise DiffspeedError(f"ptq_ skip_sensitive must be true or false, got {self.skip_sensitive!r}")
+            require_patterns("ptq_", name, getattr(self, name))
+        require_bool("ptq_", "skip_sensitive", self.skip_sensitive)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise DiffspeedError(f"ptq_ group_size must be a positive integer, got {self.group_size!r}")
         if self.format == "int4_weight_only" and self.group_size not in INT4_GROUP_SIZES:
@@ -147,6 +140,16 @@ def _device(model: nn.Module) -> torch.device:
 def _set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, name = fqn.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _install(model: nn.Module, fqn: str, lin: nn.Linear, ql: QuantLinear, ctx: Any, report: PTQReport) -> QuantLinear:
+    """Put ``ql`` in place of the linear ``lin`` at ``fqn``, attached to ``ctx``; count it in ``report``."""
+    ql.attach_context(ctx)
+    report.quantized_bytes_before += weight_nbytes(lin)
+    report.quantized_bytes_after += weight_nbytes(ql)
+    report.kernels[fqn] = ql.kernel
+    _set_module(model, fqn, ql)
+    return ql
 
 
 def _select(model: nn.Module, config: PTQConfig,
@@ -207,12 +210,7 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
             act_scales = (stats.group_absmax(f, smooth).clamp_min(1e-6) / qmax)
         ql = quantize_linear(lin, config.format, act=config.act, act_scales=act_scales, smooth=smooth,
                              group_size=config.group_size)
-        ql.attach_context(ctx)
-        report.quantized_bytes_before += weight_nbytes(lin)
-        report.quantized_bytes_after += weight_nbytes(ql)
-        report.kernels[f] = ql.kernel
-        _set_module(model, f, ql)
-        new.append(ql)
+        new.append(_install(model, f, lin, ql, ctx, report))
     attach_step_group(model, new, ctx)
     report.quantized = list(fqns)
     report.weight_bytes_after = _model_bytes(model)
@@ -220,16 +218,8 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
 
 
 def _finish(model: nn.Module, config: PTQConfig, report: PTQReport) -> MethodHandle:
-    handle = MethodHandle(model, config)
-    handle.stats.update({
-        "layers_quantized": len(report.quantized),
-        "layers_skipped": len(report.skipped),
-        "weight_mb_before": report.weight_bytes_before / 2**20,
-        "weight_mb_after": report.weight_bytes_after / 2**20,
-        "kernels": ", ".join(sorted(set(report.kernels.values()))),
-    })
-    handle.report = report  # type: ignore[attr-defined]
-    report.handle = handle
+    handle = _finish_quantized(model, config, report)
+    handle.stats["kernels"] = ", ".join(sorted(set(report.kernels.values())))
     return handle
 
 
@@ -249,9 +239,7 @@ def ptq_model_(model: nn.Module, config: PTQConfig | None = None, stats: Any = N
     ``filter_fn(module, fqn) -> bool`` replaces the sensitive-layer rule (include/exclude still apply).
     """
     config = config or PTQConfig()
-    applied = _applied(model)
-    if config.method in applied:
-        raise AlreadyAppliedError(f"method {config.method!r} is already applied to this model; reload it first")
+    applied = _unapplied(model, config)
     if stats is None:
         stats = _load_stats(config)
     fqns, skipped = _select(model, config, filter_fn)
@@ -358,27 +346,11 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
         smooth = torch.ones(lin.in_features) if info["smooth"] else None
         ql = quantize_linear(lin, info["format"], act=info["act"] if info["act"] != "none" else "dynamic",
                              act_scales=act_scales, smooth=smooth, group_size=info["group_size"])
-        ql.attach_context(ctx)
-        report.quantized_bytes_before += weight_nbytes(lin)
-        report.quantized_bytes_after += weight_nbytes(ql)
-        report.kernels[f] = ql.kernel
-        _set_module(model, f, ql)
-        new.append(ql)
+        new.append(_install(model, f, lin, ql, ctx, report))
     report.quantized = list(layers)
     with torch.no_grad():
-        for key, target in list(model.named_parameters()) + list(model.named_buffers()):
-            value = state.pop(key, None)
-            if value is None:
-                problems.append(f"missing {key}")
-            elif value.shape != target.shape or value.dtype != target.dtype:
-                problems.append(f"{key}: saved {value.dtype}{list(value.shape)}, model {target.dtype}{list(target.shape)}")
-            else:
-                target.copy_(value.to(target.device))
-    problems += [f"unexpected {k}" for k in state]
-    if problems:
-        raise WeightFileError(f"{src} does not match the model: " + "; ".join(problems[:5])
-                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-                              + "; the model's linears are now partly replaced: reload it")
+        _load_into(state, list(model.named_parameters()) + list(model.named_buffers()), problems)
+    _raise_problems(src, problems, state, "; the model's linears are now partly replaced: reload it")
     attach_step_group(model, new, ctx)
     report.weight_bytes_after = _model_bytes(model)
     applied[config.method] = _finish(model, config, report)

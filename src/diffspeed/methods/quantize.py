@@ -46,6 +46,7 @@ from torch import nn
 
 from ..adapters.base import ModelAdapter
 from ..errors import AlreadyAppliedError, DiffspeedError, WeightFileError
+from ._validate import require_bool, require_patterns
 from .base import MethodConfig, MethodHandle, Stage, _applied, register_method
 
 BACKENDS: tuple[str, ...] = ("int8_weight_only", "int8_dynamic", "fp8_dynamic_row", "int4_weight_only")
@@ -90,16 +91,8 @@ class QuantizeConfig(MethodConfig):
         if self.backend not in BACKENDS:
             raise DiffspeedError(f"quantize_ backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple):
-                raise DiffspeedError(f"quantize_ {name} must be a list of regexes, e.g. [\"attn\"], got {value!r}")
-            for pattern in value:
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as exc:
-                    raise DiffspeedError(f"quantize_ {name} pattern {pattern!r} is not a valid regex: {exc}") from None
-        if not isinstance(self.skip_sensitive, bool):
-            raise DiffspeedError(f"quantize_ skip_sensitive must be true or false, got {self.skip_sensitive!r}")
+            require_patterns("quantize_", name, getattr(self, name))
+        require_bool("quantize_", "skip_sensitive", self.skip_sensitive)
 
 
 @dataclass
@@ -265,7 +258,8 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
     return report
 
 
-def _finish(model: nn.Module, config: QuantizeConfig, report: QuantizeReport) -> MethodHandle:
+def _finish(model: nn.Module, config: MethodConfig, report: Any) -> MethodHandle:
+    """The method handle of a quantized model (shared with ``ptq_``): size stats, ``handle.report``."""
     handle = MethodHandle(model, config)
     handle.stats.update({
         "layers_quantized": len(report.quantized),
@@ -278,6 +272,14 @@ def _finish(model: nn.Module, config: QuantizeConfig, report: QuantizeReport) ->
     return handle
 
 
+def _unapplied(model: nn.Module, config: MethodConfig) -> dict[str, MethodHandle]:
+    """The model's applied methods; raises if ``config``'s method is among them (shared with ``ptq_``)."""
+    applied = _applied(model)
+    if config.method in applied:
+        raise AlreadyAppliedError(f"method {config.method!r} is already applied to this model; reload it first")
+    return applied
+
+
 def quantize_model_(model: nn.Module, config: QuantizeConfig | None = None,
                     filter_fn: Callable[[nn.Module, str], bool] | None = None) -> QuantizeReport:
     """Quantize ``model``'s linear layers in place; returns a report (``report.handle`` is the handle).
@@ -286,9 +288,7 @@ def quantize_model_(model: nn.Module, config: QuantizeConfig | None = None,
     ``config.exclude`` still apply. Raises :class:`AlreadyAppliedError` on an already quantized model.
     """
     config = config or QuantizeConfig()
-    applied = _applied(model)
-    if config.method in applied:
-        raise AlreadyAppliedError(f"method {config.method!r} is already applied to this model; reload it first")
+    applied = _unapplied(model, config)
     fqns, skipped = select_layers(model, config, filter_fn)
     report = _quantize(model, config, fqns, skipped)
     applied[config.method] = _finish(model, config, report)
@@ -306,6 +306,26 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, adapter: ModelAdapt
 def _tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield from model.named_parameters()
     yield from model.named_buffers()
+
+
+def _load_into(state: dict[str, torch.Tensor], targets: Iterable[tuple[str, torch.Tensor]], problems: list[str]) -> None:
+    """Copy (under no_grad) each saved tensor popped from ``state`` into its target; mismatches go to ``problems``."""
+    for key, target in targets:
+        value = state.pop(key, None)
+        if value is None:
+            problems.append(f"missing {key}")
+        elif value.shape != target.shape or value.dtype != target.dtype:
+            problems.append(f"{key}: saved {value.dtype}{list(value.shape)}, model {target.dtype}{list(target.shape)}")
+        else:
+            target.copy_(value.to(target.device))
+
+
+def _raise_problems(src: Path, problems: list[str], state: dict[str, torch.Tensor], tail: str = "") -> None:
+    """WeightFileError naming the first mismatches (and the saved tensors the model lacks), if any."""
+    problems += [f"unexpected {k}" for k in state]
+    if problems:
+        raise WeightFileError(f"{src} does not match the model: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + tail)
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
@@ -379,18 +399,8 @@ def load_quantized_(model: nn.Module, path: str | Path) -> QuantizeReport:
     with torch.no_grad():
         for name, t in _tensors(model):
             targets = {f"{name}::{a}": x for a, x in _inner(t).items()} if _is_quantized(t) else {name: t}
-            for key, target in targets.items():
-                value = state.pop(key, None)
-                if value is None:
-                    problems.append(f"missing {key}")
-                elif value.shape != target.shape or value.dtype != target.dtype:
-                    problems.append(f"{key}: saved {value.dtype}{list(value.shape)}, model {target.dtype}{list(target.shape)}")
-                else:
-                    target.copy_(value.to(target.device))
-    problems += [f"unexpected {k}" for k in state]
-    if problems:
-        raise WeightFileError(f"{src} does not match the model: " + "; ".join(problems[:5])
-                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+            _load_into(state, targets.items(), problems)
+    _raise_problems(src, problems, state)
     applied[config.method] = _finish(model, config, report)
     return report
 

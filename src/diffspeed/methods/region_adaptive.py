@@ -59,7 +59,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
-from ..hooks import wrap_forward
+from ..hooks import output_tensor, wrap_forward
 from ._validate import grid_kind, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .motion_cache import patch_size as _wan_patch_size
@@ -133,15 +133,6 @@ def output_change(out: torch.Tensor, prev: torch.Tensor, patch: tuple[int, ...])
     return pool(d, kernel_size=patch, stride=patch).flatten(1)
 
 
-def _output_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else None
-
-
 @register_method(RegionAdaptiveConfig)
 def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapter: ModelAdapter) -> MethodHandle:
     base = _unwrap(model)
@@ -185,7 +176,7 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
         finally:
             st.pop("plan", None)
         if ok:
-            y = _output_tensor(out)
+            y = output_tensor(out)
             if y is not None and y.dim() == latent.dim() and y.shape[0] == latent.shape[0]:
                 y = y[:, : latent.shape[1]].detach()  # DiT learned sigma: keep the noise channels
                 prev = st.get("prev_out")
@@ -228,8 +219,10 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
             return {"hits": old["hits"]}
         return {"hits": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)}
 
+    # video (Wan): recomputed tokens attend to every token's keys/values (the runner's full-context path);
+    # image models get the same from the key/value cache below
     runner = TokenSubsetRunner(ctx, key, stats, n_blocks, _WAN if kind == "video" else None, select, cache_fields,
-                               require_3d=True)
+                               require_3d=True, full_context=kind == "video")
 
     def kv_wrapper(name: str, inner: Any, *args: Any, **kwargs: Any) -> Any:
         """attn1.to_k / to_v (image models): keys/values of every token, reused ones from the cache."""

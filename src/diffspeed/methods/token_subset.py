@@ -12,7 +12,7 @@ per-token values they keep in their cache. What they share lives here:
 * :class:`TokenSubsetRunner`: the gather at the first block's input, the reduced arguments of every
   block call, the residual cache refresh after a full run and the scatter after a partial run, plus
   the ``full_steps`` / ``partial_steps`` / ``tokens_*`` / ``skipped_fraction`` statistics.
-* Optional *full-context self-attention* (``full_context=True``, Wan only): on a partial step the
+* Optional *full-context self-attention* (``full_context=True``, Wan and CogVideoX): on a partial step the
   recomputed tokens' queries attend to keys / values of **every** token, not just the recomputed
   subset. Each block's self-attention input (the normalised, modulated hidden states) is cached per
   token; on a partial step the recomputed rows are scattered into that cache (so it always holds
@@ -117,11 +117,16 @@ def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tenso
     return out.type_as(x)
 
 
-def _wan_attn_supported(attn: nn.Module) -> bool:
-    """A stock diffusers Wan self-attention (its default processor, no image K/V)."""
-    proc = getattr(attn, "processor", None)
-    return (type(proc).__name__ == "WanAttnProcessor" and getattr(attn, "add_k_proj", None) is None
-            and not getattr(attn, "is_cross_attention", False) and hasattr(attn, "to_out"))
+def _attn_supported(fam: _Family | None, attn: nn.Module) -> bool:
+    """A stock diffusers self-attention of the family (its default processor; Wan: no image K/V)."""
+    proc = type(getattr(attn, "processor", None)).__name__
+    if getattr(attn, "is_cross_attention", False) or not hasattr(attn, "to_out"):
+        return False
+    if fam is _WAN:
+        return proc == "WanAttnProcessor" and getattr(attn, "add_k_proj", None) is None
+    if fam is _COGVIDEOX:
+        return proc == "CogVideoXAttnProcessor2_0" and not getattr(attn, "fused_projections", False)
+    return False
 
 
 def _wan_self_attention(attn: nn.Module, x_q: torch.Tensor, x_kv: torch.Tensor, rot_q: Any, rot_kv: Any,
@@ -156,6 +161,41 @@ def _wan_self_attention(attn: nn.Module, x_q: torch.Tensor, x_kv: torch.Tensor, 
     return attn.to_out[1](out)
 
 
+def _cogvideox_self_attention(attn: nn.Module, x_q: torch.Tensor, x_kv: torch.Tensor, enc: torch.Tensor,
+                              rot_q: Any, rot_kv: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """CogVideoX joint text/video attention with video queries ``x_q`` (B, K, D) and video K / V from ``x_kv``.
+
+    Mirrors ``CogVideoXAttnProcessor2_0`` (same ops in the same order); the text tokens attend to
+    (and are attended by) every video token.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    text = enc.size(1)
+    h_q = torch.cat([enc, x_q], dim=1)
+    h_kv = torch.cat([enc, x_kv], dim=1)
+    b = h_q.shape[0]
+    query = attn.to_q(h_q)
+    key = attn.to_k(h_kv)
+    value = attn.to_v(h_kv)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if rot_q is not None:
+        query[:, :, text:] = apply_rotary_emb(query[:, :, text:], rot_q)
+        key[:, :, text:] = apply_rotary_emb(key[:, :, text:], rot_kv)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    enc_out, hidden = out.split([text, out.size(1) - text], dim=1)
+    return hidden, enc_out
+
+
 # ---- the partial-run machinery ------------------------------------------------------------------
 Select = Callable[[dict, dict, torch.Tensor, Any], bool]
 CacheFields = Callable[[Any, torch.Tensor], dict]
@@ -176,8 +216,8 @@ class TokenSubsetRunner:
         before the cached residual is updated (``residual`` still holds the old values).
     require_3d: keep the cache only for (B, N, D) hidden states.
     full_context: on partial steps the recomputed tokens' self-attention reads keys / values of all
-        tokens (cached self-attention inputs, refreshed row by row); Wan blocks with the stock
-        attention processor only, others keep the subset-only attention. See the module docstring.
+        tokens (cached self-attention inputs, refreshed row by row); Wan / CogVideoX blocks with their
+        stock attention processor only, others keep the subset-only attention. See the module docstring.
     """
 
     def __init__(self, ctx: Any, key: str, stats: dict, n_blocks: int, fam: _Family | None, select: Select,
@@ -186,7 +226,7 @@ class TokenSubsetRunner:
         self.ctx, self.key, self.stats, self.n_blocks, self.fam = ctx, key, stats, n_blocks, fam
         self.select, self.cache_fields, self.on_partial_residual = select, cache_fields, on_partial_residual
         self.require_3d = require_3d
-        self.full_context = full_context and fam is _WAN
+        self.full_context = full_context and fam is not None
 
     def reduce_args(self, plan: dict, first: bool, io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         idx = plan["idx"]
@@ -291,23 +331,33 @@ class TokenSubsetRunner:
         plan = st.get("plan")
         if plan is None or not plan.get("started") or plan.get("block") != i:
             return inner(*args, **kwargs)
-        x = args[0] if args else kwargs.get("hidden_states")
-        extra_ok = (len(args) <= 1 or args[1] is None) and kwargs.get("encoder_hidden_states") is None
+        wan = self.fam is _WAN
+        if wan:
+            x = args[0] if args else kwargs.get("hidden_states")
+            call_ok = (len(args) <= 1 or args[1] is None) and kwargs.get("encoder_hidden_states") is None
+            mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+            rot_q = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
+        else:  # CogVideoX: attn1(hidden_states=..., encoder_hidden_states=..., image_rotary_emb=...)
+            x = kwargs.get("hidden_states")
+            enc = kwargs.get("encoder_hidden_states")
+            call_ok = (not args and isinstance(enc, torch.Tensor)
+                       and set(kwargs) <= {"hidden_states", "encoder_hidden_states", "image_rotary_emb"})
+            mask, rot_q = None, kwargs.get("image_rotary_emb")
+        call_ok = call_ok and isinstance(x, torch.Tensor) and x.dim() == 3
         if not plan["partial"]:
-            if isinstance(x, torch.Tensor) and x.shape == plan["h_in"].shape and extra_ok:
+            if call_ok and x.shape == plan["h_in"].shape:
                 plan["attn_in"][i] = x
             return inner(*args, **kwargs)
         cached = st["cache"].get("attn_in")
         x_full = cached.get(i) if cached is not None else None
-        if (x_full is None or not isinstance(x, torch.Tensor) or not extra_ok or x_full.dtype != x.dtype
-                or not _wan_attn_supported(attn)):
+        if x_full is None or not call_ok or x_full.dtype != x.dtype or not _attn_supported(self.fam, attn):
             return inner(*args, **kwargs)  # subset-only attention
         idx = plan["idx"]
         x_full.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)  # latest value of every token
-        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-        rot_q = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
         rot_kv = plan["rotary_full"] if rot_q is not None else None
-        return _wan_self_attention(attn, x, x_full, rot_q, rot_kv, mask)
+        if wan:
+            return _wan_self_attention(attn, x, x_full, rot_q, rot_kv, mask)
+        return _cogvideox_self_attention(attn, x, x_full, enc, rot_q, rot_kv)
 
     def wrap_block(self, handle: MethodHandle, i: int, block: nn.Module, io: BlockIO) -> None:
         fn = lambda inner, *a, _i=i, _io=io, **k: self.block_wrapper(_i, _io, inner, *a, **k)  # noqa: E731

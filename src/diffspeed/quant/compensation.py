@@ -32,11 +32,9 @@ or another step count with the fix in the message. Only the flow-matching Euler 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -137,22 +135,10 @@ class CompensationTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON atomically (temp file + rename: a crash never leaves half a file)."""
-        path = Path(path)
+        from ..calibrate import write_text_atomic
+
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise DiffspeedError(f"cannot write compensation table {path}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_text_atomic(Path(path), text, "compensation table")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompensationTable":

@@ -115,13 +115,11 @@ def _detach(v: Any) -> Any:
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
+    from ..hooks import output_tensor
+
+    y = output_tensor(out)
+    if y is not None:
+        return y
     raise DiffspeedError(f"cannot find the prediction in a transformer output of type {type(out).__name__}")
 
 
