@@ -209,3 +209,37 @@ def test_bad_config_values():
         SparseAttentionConfig(global_tokens=-1)
     with pytest.raises(DiffspeedError, match="min_tokens"):
         SparseAttentionConfig(min_tokens=0)
+
+
+def test_sdpa_router_dense_fallback_passes_keywords():
+    """The rerouted F.scaled_dot_product_attention falls back to torch's SDPA (which takes ``scale`` and
+    ``enable_gqa`` as keywords only) both outside a sparse module and for ineligible calls."""
+    import torch.nn.functional as F
+
+    from diffspeed.methods.sparse_attention import _ACTIVE, _make_sdpa_router
+
+    router = _make_sdpa_router(F.scaled_dot_product_attention)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert torch.equal(router(q, k, v, scale=0.3), ref)  # no active sparse module
+    stats = {"attention_calls_dense": 0, "attention_calls_sparse": 0, "mean_density": 0.0}
+    token = _ACTIVE.set((SparseAttentionConfig(block_size=8, threshold=0.3, min_tokens=10_000), stats))
+    try:
+        assert torch.equal(router(q, k, v, None, 0.0, False, scale=0.3), ref)  # too short: dense
+    finally:
+        _ACTIVE.reset(token)
+    assert stats["attention_calls_dense"] == 1
+
+
+def test_f_routed_family_dense_fallback_is_exact():
+    """CogVideoX's processor calls F.scaled_dot_product_attention: with every call below min_tokens the
+    method must fall back to dense SDPA and match the unmodified model exactly."""
+    from diffspeed.models.loading import load_model
+
+    loaded = load_model("tiny-cogvideox")
+    base = generate(loaded, [0], [0], num_steps=2)
+    with diffspeed.apply(loaded.transformer, SparseAttentionConfig(block_size=8, threshold=0.3, min_tokens=10_000)) as h:
+        out = generate(loaded, [0], [0], num_steps=2)
+    assert h.stats["attention_calls_dense"] > 0 and h.stats["attention_calls_sparse"] == 0
+    assert torch.equal(out, base)

@@ -150,15 +150,21 @@ def _record(stats: dict[str, float], density: torch.Tensor | None) -> None:
 
 
 def _make_sdpa_router(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-             *args, **kwargs):
+    def dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kwargs):
+        # torch's SDPA takes scale / enable_gqa as keywords only (6 positional arguments at most)
+        if enable_gqa:
+            kwargs = {**kwargs, "enable_gqa": True}
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+             **kwargs):
         active = _ACTIVE.get()
         if active is None:
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
+            return dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kwargs)
         cfg, stats = active
-        if args or kwargs or enable_gqa or not _eligible(cfg, query, key, value, 2, attn_mask, dropout_p, is_causal):
+        if kwargs or enable_gqa or not _eligible(cfg, query, key, value, 2, attn_mask, dropout_p, is_causal):
             _record(stats, None)
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
+            return dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kwargs)
         out, density = _sparse(query, key, value, scale, cfg)
         _record(stats, density)
         return out
