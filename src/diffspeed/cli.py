@@ -102,7 +102,7 @@ def generate(
     check_writable(out, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     recipes = _recipes([recipe] if recipe else None)
     dev, dt = _torch_setup(device, dtype)
-    from .distributed import generate_distributed, init_from_env
+    from .distributed import finish_from_env, generate_distributed, init_from_env
 
     rank, world, dev = init_from_env(dev)  # under torchrun: the samples are split over the ranks
     loaded = _load(model, dev, dt)
@@ -128,12 +128,14 @@ def generate(
             handle.remove()  # the model is discarded anyway
     from .media import save_image_grid, save_video
 
-    if pixels is None:  # a rank other than 0 under torchrun: rank 0 writes the gathered batch
+    if pixels is not None:  # under torchrun only rank 0 holds the gathered batch and writes it
+        if loaded.is_video:
+            save_video(pixels, out)
+        else:
+            save_image_grid(pixels, out, scale=2)
+    finish_from_env(world)
+    if pixels is None:
         return
-    if loaded.is_video:
-        save_video(pixels, out)
-    else:
-        save_image_grid(pixels, out, scale=2)
     console.print(f"wrote {out} ({num} samples, {steps} steps, {elapsed:.2f} s"
                   + (f", {world} ranks)" if world > 1 else ")"))
     if handle is not None and any(stats.values()):
@@ -167,7 +169,7 @@ def bench(
 
     recipes = [Recipe()] + _recipes(recipe)
     dev, dt = _torch_setup(device, dtype)
-    from .distributed import bench_distributed, init_from_env
+    from .distributed import bench_distributed, finish_from_env, init_from_env
 
     rank, world, dev = init_from_env(dev)  # under torchrun: each rank measures its shard of the samples
     if world > 1 and num % world:
@@ -180,6 +182,7 @@ def bench(
     seeds = [seed + i for i in range(num)]
     if world > 1:
         rows = bench_distributed(loaded, recipes, seeds, labels, **kwargs)
+        finish_from_env(world)
         if rows is None:
             return
     else:

@@ -256,3 +256,13 @@ def bench_distributed(loaded: LoadedModel, recipes: Sequence[Any], seeds: Sequen
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
     return [r for part in gathered for r in part] if rank == 0 else None
+
+
+def finish_from_env(world: int) -> None:
+    """End a ``torchrun`` process cleanly: a barrier, then destroy the default group (a group left to
+    interpreter exit can abort in gloo's threads and fail the launch)."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
