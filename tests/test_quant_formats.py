@@ -15,7 +15,7 @@ from diffspeed.quant.smoothquant import smooth_factors
 KERNELS = {
     "int8_w8a8": ("torch._int_mm",),
     "fp8_w8a8": ("torch._scaled_mm",),
-    "int8_weight_only": ("torch._weight_int8pack_mm", "F.linear(int8 weight cast, fused by torch.compile)"),
+    "int8_weight_only": ("torch._weight_int8pack_mm", "F.linear(int8 weight cast to the activation dtype: a float GEMM)"),
     "int4_weight_only": ("torch._weight_int4pack_mm_for_cpu",),
 }
 MAX_REL = {"int8_w8a8": 0.02, "fp8_w8a8": 0.05, "int8_weight_only": 0.01, "int4_weight_only": 0.12}

@@ -9,8 +9,8 @@ format                 weight storage                              matmul op
 ``int8_w8a8``          int8, symmetric per-output-channel scales   ``torch._int_mm`` (int8 x int8 -> int32)
 ``fp8_w8a8``           float8 e4m3, per-output-row scales          ``torch._scaled_mm`` (CUDA sm89+ only)
 ``int8_weight_only``   int8, per-output-channel scales             CPU: ``torch._weight_int8pack_mm``; CUDA:
-                                                                   the int8->bf16 cast fused into the GEMM
-                                                                   by torch.compile (the CUDA int8pack
+                                                                   int8 weights cast for a bf16 GEMM (not
+                                                                   a low-bit GEMM: the CUDA int8pack
                                                                    kernel is a small-M decode kernel)
 ``int4_weight_only``   4-bit groupwise, asymmetric (torch's        ``torch._weight_int4pack_mm`` (CUDA, bf16)
                        tinygemm layout: ``(q - 8) * scale + zero``)  / ``torch._weight_int4pack_mm_for_cpu``
@@ -35,13 +35,11 @@ A layer with no shared group tensor (plain :func:`quantize_linear`) reads the co
 Why this can beat torchao's path on small DiTs: the activation quantize step (``x / smooth / scale``,
 round, clamp, cast) is purely elementwise, so under ``torch.compile`` inductor fuses it into the
 kernel that produced ``x`` (the adaLN norm + modulation, or the GELU of the MLP). What is left per
-linear is exactly one low-precision GEMM plus a fused epilogue (scale, bias). torchao's
-tensor-subclass path dispatches its quantize step separately, which for the small matrices of a DiT
-(hidden size 384-1152) costs about as much as the GEMM itself. A linear measured *in isolation*
-(nothing upstream to fuse into) gains nothing: on an H100, compiled, M=2048 tokens, 1152->1152:
-bf16 45 us, int8_w8a8 39 us, fp8_w8a8 47 us; 1152->4608: bf16 47 us, int8 75 us, fp8 92 us. The
-weight-only formats save memory, not time, at large M (int4 tinygemm: 209 us at M=2048; it is a
-small-M kernel: 20 us at M=16).
+linear is exactly one low-precision GEMM plus a fused epilogue (scale, bias). Whether that wins
+depends on the GEMM sizes: the measured whole-model figures so far (DiT-XL/2 at batch 64, regional
+compile: FP8 0.88x and int8 0.67x of bf16; torchao side by side not measured yet) are in
+``benchmarks/results/quantization.json``. The weight-only formats save memory, not time, at large
+batch: torch's int4 kernel is a small-M (decode) kernel.
 
 SmoothQuant (see :mod:`diffspeed.quant.smoothquant`): an optional ``smooth`` buffer divides the
 input per in-feature while the weight's columns were multiplied by the same factors before
@@ -66,7 +64,7 @@ ACT_MODES: tuple[str, ...] = ("dynamic", "static")
 INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 FP8_MAX = 448.0  # float8 e4m3fn
 INT8_MAX = 127.0
-INT8_CAST_KERNEL = "F.linear(int8 weight cast, fused by torch.compile)"
+INT8_CAST_KERNEL = "F.linear(int8 weight cast to the activation dtype: a float GEMM)"
 # buffers that are not weight storage (weight_nbytes leaves them out)
 _NON_WEIGHT_BUFFERS = ("bias", "act_scale", "smooth")
 
@@ -282,7 +280,7 @@ class QuantLinear(nn.Module):
         if self.kernel == "torch._weight_int8pack_mm":
             xs = x2 if x2.dtype in (torch.float32, torch.bfloat16, torch.float16) else x2.float()
             return torch._weight_int8pack_mm(xs.contiguous(), self.qweight, self.w_scale.to(xs.dtype))
-        # int8 -> float cast feeding the GEMM: one fused kernel under torch.compile (inductor)
+        # int8 -> float cast feeding a float GEMM (weight memory saved; the GEMM is not low-bit)
         return F.linear(x2, self.qweight.to(x2.dtype)) * self.w_scale.to(x2.dtype)
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
@@ -381,8 +379,8 @@ def _kernel_for(fmt: str, device: torch.device) -> str:
     if fmt == "fp8_w8a8":
         return "torch._scaled_mm"
     if fmt == "int8_weight_only":
-        # CUDA: torch._weight_int8pack_mm is a small-M (decode) kernel, measured ~200x slower than bf16
-        # at M=2048 on an H100; inductor fuses the int8->bf16 cast into the GEMM instead (torchao's way)
+        # CUDA: torch._weight_int8pack_mm is a small-M (decode) kernel, far slower than bf16 at large M in
+        # an H100 probe; the int8 weights are cast for a bf16 GEMM instead (memory saved, no low-bit GEMM)
         if device.type != "cuda" and hasattr(torch, "_weight_int8pack_mm") \
                 and _op_works("_weight_int8pack_mm", dev) is None:
             return "torch._weight_int8pack_mm"
