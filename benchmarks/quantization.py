@@ -63,6 +63,7 @@ FIDELITY_CONFIGS = (
     ("ptq fp8_w8a8 static", False, "ptq", {"format": "fp8_w8a8", "act": "static"}),
     ("ptq int8_weight_only", False, "ptq", {"format": "int8_weight_only"}),
     ("ptq int4_weight_only g32", False, "ptq", {"format": "int4_weight_only", "group_size": 32}),
+    ("ptq int4_weight_only g64", False, "ptq", {"format": "int4_weight_only", "group_size": 64}),
 )
 SPEED_CONFIGS = (
     ("bf16", False, "none", {}),
@@ -187,6 +188,14 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
     def run(loaded) -> torch.Tensor:
         return generate(loaded, labels, seeds, **kw).float()
 
+    def run_peak(loaded) -> tuple[torch.Tensor, float | None]:
+        """Generate once, with the peak CUDA memory of the generation (None on CPU)."""
+        from diffspeed.bench.timing import track_peak_memory
+
+        with track_peak_memory(device) as peak:
+            out = run(loaded)
+        return out, peak["peak_mb"]
+
     def step_ms(loaded) -> float:
         """One transformer call at the CFG-doubled sampling batch (the DiT reference model's inputs)."""
         x = torch.randn(len(labels) * 2, *loaded.latent_shape, device=device, dtype=dtype)
@@ -201,7 +210,7 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
         return time_callable(call, warmup=2, repeats=args.repeats, device=device).median_ms
 
     t0 = time.perf_counter()
-    full = run(base)
+    full, full_peak = run_peak(base)
     full_acc = judge_accuracy(judge, full, labels)
     full_ms = step_ms(base)
     log(f"{name} full: judge {full_acc:.3f}, step {full_ms:.2f} ms at batch {2 * args.samples} (CFG), "
@@ -211,7 +220,7 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
               "dtype": str(dtype).replace("torch.", "")}
     rows.append({**common, "config": "bf16" if dtype == torch.bfloat16 else "float", "peer": False,
                  "low_precision_kernel": False, "speedup": 1.0, "step_ms": full_ms, "weight_mb": weight_mb(base.transformer),
-                 "peak_mem_mb": None, "psnr_db": None, "ssim": 1.0, "judge_accuracy": full_acc, "stage": "fidelity"})
+                 "peak_mem_mb": full_peak, "psnr_db": None, "ssim": 1.0, "judge_accuracy": full_acc, "stage": "fidelity"})
 
     stats_file = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
     t0 = time.perf_counter()
@@ -231,12 +240,12 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
         try:
             loaded = fresh()
             info = apply_config(loaded.transformer, kind, settings, stats_file)
-            out = run(loaded)
+            out, peak_mb = run_peak(loaded)
             ms = step_ms(loaded)
             ops = low_precision_ops(lambda: generate(loaded, labels[:2], seeds[:2], num_steps=1), device)
             p = psnr(out, full)
             row.update(info, psnr_db=p, ssim=ssim(out, full), judge_accuracy=judge_accuracy(judge, out, labels),
-                       step_ms=ms, speedup=full_ms / ms, weight_mb=weight_mb(loaded.transformer), peak_mem_mb=None,
+                       step_ms=ms, speedup=full_ms / ms, weight_mb=weight_mb(loaded.transformer), peak_mem_mb=peak_mb,
                        low_precision_kernel=bool(ops), low_precision_ops=ops, error=None)
             if kind == "ptq" and (worst is None or p < worst[0]):
                 worst = (p, cname, settings)
@@ -486,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
 
     finish = once(_finish)
     start_watchdog(args.hard_limit_s, _T0, finish, log)
+    try:  # the peers are torchao's configs: say so up front instead of leaving only error rows
+        import torchao  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        log(f"WARNING: torchao does not import ({type(exc).__name__}: {exc}); the torchao peer rows will be "
+            "error rows, not measurements (on the GPU machine carry its wheel in .whl/)")
     for stage in stages:
         if stage == "fidelity":
             fidelity_stage(args, device, dtype, rows, budget_left, selected)
