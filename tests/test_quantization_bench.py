@@ -44,3 +44,16 @@ def test_quantization_bench_cpu_smoke(tmp_path):
     comp = [r for r in rows if r["config"].endswith("+comp")]
     assert comp and comp[0]["error"] is None and "overhead_pct" in comp[0]
     assert (tmp_path / "q.png").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(), reason="reference weights missing")
+def test_compensation_bench_cpu_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_compensation", ROOT / "benchmarks" / "compensation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "c.json"
+    assert mod.main(["--settings", "int4-row:2", "--calib", "2", "--eval", "2", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["steps_corrected"] > 0
+    assert math.isfinite(row["psnr_db_plain"]) and math.isfinite(row["psnr_db_compensated"])
+    assert row["psnr_db_plain"] < 60  # the 4-bit rounding really changed the output
