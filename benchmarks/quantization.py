@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Quantization benchmark: diffspeed's ``ptq_`` formats vs plain torchao (as diffusers' TorchAoConfig
-applies it: no calibration, no compensation), on speed, memory and fidelity.
+applies it: every linear layer, no calibration, no compensation - ``quantize_`` with
+``skip_sensitive=False`` quantizes exactly the layers ``from_pretrained(..., quantization_config=
+TorchAoConfig(...))`` does, checked in ``tests/test_quantize.py``), on speed, memory and fidelity.
 
 Two stages (``--stages``), both written as rows of one JSON list (``--out``):
 
@@ -52,9 +54,9 @@ from diffspeed.bench.script import once, start_watchdog  # noqa: E402
 LOWP = re.compile(r"_int_mm|_scaled_mm|int4pack|int8pack|e4m3|fp8|f8f8|s8s8|i8i8|int8_gemm|igemm", re.I)
 FIDELITY_CONFIGS = (
     # (name, peer, kind, settings)
-    ("torchao int8_weight_only", True, "torchao", {"backend": "int8_weight_only"}),
-    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic"}),
-    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row"}),
+    ("torchao int8_weight_only", True, "torchao", {"backend": "int8_weight_only", "skip_sensitive": False}),
+    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic", "skip_sensitive": False}),
+    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}),
     ("ptq int8_w8a8 dynamic", False, "ptq", {"format": "int8_w8a8", "act": "dynamic"}),
     ("ptq int8_w8a8 dynamic+smooth", False, "ptq", {"format": "int8_w8a8", "act": "dynamic", "smooth_alpha": 0.5}),
     ("ptq int8_w8a8 static", False, "ptq", {"format": "int8_w8a8", "act": "static"}),
@@ -67,8 +69,8 @@ FIDELITY_CONFIGS = (
 )
 SPEED_CONFIGS = (
     ("bf16", False, "none", {}),
-    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row"}),
-    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic"}),
+    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}),
+    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic", "skip_sensitive": False}),
     ("ptq fp8_w8a8 dynamic", False, "ptq", {"format": "fp8_w8a8", "act": "dynamic"}),
     ("ptq int8_w8a8 dynamic", False, "ptq", {"format": "int8_w8a8", "act": "dynamic"}),
     ("ptq int4_weight_only", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),

@@ -200,3 +200,31 @@ def test_recipe_json_round_trip():
     cfg = QuantizeConfig(backend="int8_dynamic", include=("a",), exclude=("b", "c"), skip_sensitive=False)
     assert Recipe.from_json(Recipe((cfg,)).to_json()).methods == (cfg,)
     assert "quantize_" in diffspeed.method_names()
+
+
+def test_all_layers_matches_diffusers_torchaoconfig():
+    """The peer baseline: ``quantize_`` with ``skip_sensitive=False`` quantizes exactly the layers that
+    diffusers' ``from_pretrained(..., quantization_config=TorchAoConfig(...))`` does, with the same result."""
+    pytest.importorskip("torchao")
+    from diffusers import DiTTransformer2DModel, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from diffspeed.models.reference import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR / "reference-image"
+    if not folder.exists():
+        pytest.skip("reference weights missing")
+    theirs = DiTTransformer2DModel.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+                                                   torch_dtype=torch.float32)
+    ours = load_model("reference-image").transformer
+    report = quantize_model_(ours, QuantizeConfig(backend="int8_weight_only", skip_sensitive=False))
+
+    def quantized(m):
+        return {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and qz._is_quantized(mod.weight)}
+
+    assert quantized(theirs) == quantized(ours) == set(report.quantized) and len(report.quantized) > 50
+    size, channels = ours.config.sample_size, ours.config.in_channels
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    kw = dict(timestep=torch.tensor([500.0, 20.0]), class_labels=torch.tensor([0, 3]), return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(theirs(x, **kw)[0], ours(x, **kw)[0])
