@@ -90,10 +90,11 @@ def _op_works(op: str, device: str) -> str | None:
             w = torch._convert_weight_to_int4pack(torch.zeros(16, 64, dtype=torch.uint8, device=dev), 2)
             sz = torch.ones(2, 16, 2, device=dev, dtype=torch.bfloat16)
             torch._weight_int4pack_mm(torch.ones(2, 128, device=dev, dtype=torch.bfloat16), w, 64, sz)
-        elif op == "_scaled_mm":
+        elif op in ("_scaled_mm", "_scaled_mm_bias"):
             a = torch.ones(16, 16, device=dev).to(torch.float8_e4m3fn)
+            bias = torch.ones(16, device=dev, dtype=torch.bfloat16) if op == "_scaled_mm_bias" else None
             torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
-                             out_dtype=torch.bfloat16)
+                             bias=bias, out_dtype=torch.bfloat16)
         else:
             return f"unknown op {op}"
     except Exception as exc:  # noqa: BLE001 - any failure means the op cannot run here
@@ -209,6 +210,9 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.kernel = kernel
         self.int4_layout = ""  # "cpu" or "cuda" (packed layouts differ)
+        # fp8: the bias goes into _scaled_mm's epilogue (probed at construction) instead of a separate
+        # elementwise pass over the (M, N) output
+        self.fused_bias = False
         self._ctx: Any = None  # the model's StepContext (static activation scales, eager path)
         self._group: Any = None  # shared holder whose .t is a 0-d int64 device tensor (compile path)
 
@@ -241,7 +245,7 @@ class QuantLinear(nn.Module):
             y = self._int8_weight_only(x2)
         else:
             y = self._int4(x2)
-        if self.bias is not None:
+        if self.bias is not None and not self.fused_bias:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
@@ -272,8 +276,9 @@ class QuantLinear(nn.Module):
         xs, _ = _pad_rows((xf / scale).clamp(-FP8_MAX, FP8_MAX), 16, 16)  # pad in float, then cast
         if xs.shape[0] != m:
             scale_a = F.pad(scale_a, (0, 0, 0, xs.shape[0] - m), value=1.0)
+        bias = self.bias.to(torch.bfloat16) if self.fused_bias else None
         out = torch._scaled_mm(xs.to(torch.float8_e4m3fn), self.qweight.t(), scale_a=scale_a.float().contiguous(),
-                               scale_b=self.w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
+                               scale_b=self.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16)
         return out[:m]
 
     def _int8_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
@@ -446,6 +451,8 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
             ql.register_buffer("scales_and_zeros", sz.to(sz_dtype))
             ql.int4_layout = "cpu"
     ql.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+    ql.fused_bias = (fmt == "fp8_w8a8" and linear.bias is not None and device.type == "cuda"
+                     and _op_works("_scaled_mm_bias", str(device)) is None)
     ql.register_buffer("act_scale", act_scales.to(device) if ql.act == "static" else None)
     ql.register_buffer("smooth", smooth)
     return ql
