@@ -152,3 +152,38 @@ def test_bad_input_exit_2_writes_nothing(monkeypatch, capsys, bad_files, args, m
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(bad_files) for p in bad_files.rglob("*")) == before
+
+
+def test_smooth_alpha_auto_picks_the_best_measured(monkeypatch, capsys, tmp_path):
+    stats = tmp_path / "stats.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "activations", "--model", MODEL, "--seeds", "2",
+                           "--steps", "3", "--groups", "3", "--out", str(stats))
+    ok(code, err)
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--model", MODEL, "--act", "static", "--calibration",
+                             str(stats), "--smooth-alpha", "auto", "--search-steps", "2", "--search-seeds", "2",
+                             "--out", str(tmp_path / "q"))
+    ok(code, err)
+    assert "SmoothQuant alpha search" in err
+    saved = json.loads((tmp_path / "q" / "ptq_config.json").read_text())
+    assert saved["config"]["smooth_alpha"] in (None, 0.3, 0.5, 0.65, 0.8)
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--model", MODEL, "--calibration", str(stats),
+                           "--smooth-alpha", "lots", "--out", str(tmp_path / "q2"))
+    assert code == 2 and "--smooth-alpha must be a number" in err and not (tmp_path / "q2").exists()
+
+
+def test_search_smooth_alpha_returns_the_argmax(tmp_path):
+    from diffspeed.methods.ptq import PTQConfig
+    from diffspeed.models.loading import load_model
+    from diffspeed.quant.alpha_search import search_smooth_alpha
+    from diffspeed.quant.calibration import calibrate
+
+    loaded = load_model(MODEL)
+    stats = calibrate(loaded, seeds=[1, 2], labels=[0, 1], steps=3, guidance=4.0, num_groups=3, progress=False)
+    path = str(tmp_path / "stats.safetensors")
+    stats.save(path)
+    before = [p.clone() for p in loaded.transformer.parameters()]
+    best, scores = search_smooth_alpha(loaded, PTQConfig(format="int8_w8a8", act="static", calibration=path),
+                                       stats=stats, alphas=(0.5, 0.8), seeds=(5, 6), steps=2)
+    assert set(scores) == {"none", "0.5", "0.8"}
+    assert scores["none" if best is None else str(best)] == max(scores.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, loaded.transformer.parameters()))  # model left unchanged

@@ -57,3 +57,15 @@ def test_compensation_bench_cpu_smoke(tmp_path):
     assert row["steps_corrected"] > 0
     assert math.isfinite(row["psnr_db_plain"]) and math.isfinite(row["psnr_db_compensated"])
     assert row["psnr_db_plain"] < 60  # the 4-bit rounding really changed the output
+
+
+@pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(), reason="reference weights missing")
+def test_smooth_alpha_bench_cpu_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_smooth_alpha", ROOT / "benchmarks" / "smooth_alpha.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "a.json"
+    assert mod.main(["--steps", "2", "--calib", "2", "--eval", "2", "--groups", "2", "--acts", "static", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["alpha"] for r in rows} == {None, 0.3, 0.5, 0.65, 0.8}
+    assert sum(r["chosen"] for r in rows) == 1 and all(math.isfinite(r["psnr_db"]) for r in rows)

@@ -255,7 +255,9 @@ def quantize(
     fmt: Optional[str] = typer.Option(None, "--format", help="int8_w8a8 | fp8_w8a8 | int8_weight_only | int4_weight_only (default int8_w8a8)"),
     act: str = typer.Option("dynamic", help="activation scales of w8a8: dynamic (per token at run time) or static (per timestep group, needs --calibration)"),
     calibration: Optional[Path] = typer.Option(None, help="activation stats from `diffspeed calibrate activations` (for --act static / --smooth-alpha)"),
-    smooth_alpha: Optional[float] = typer.Option(None, help="SmoothQuant migration strength in [0, 1] (0.5 typical; w8a8 only; needs --calibration)"),
+    smooth_alpha: Optional[str] = typer.Option(None, help="SmoothQuant migration strength in [0, 1], or 'auto' to pick it by measured fidelity (w8a8 only; needs --calibration)"),
+    search_steps: int = typer.Option(10, help="--smooth-alpha auto: sampling steps of each trial"),
+    search_seeds: int = typer.Option(4, help="--smooth-alpha auto: samples per trial"),
     group_size: int = typer.Option(128, help="int4 group size (32, 64, 128, 256)"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="regex of layers to quantize even if sensitive (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="regex of layers to keep in float (repeatable)"),
@@ -282,6 +284,12 @@ def quantize(
             raise DiffspeedError(f"--plan fixes every layer's format; drop {', '.join(conflicts)} "
                                  "(or drop --plan to quantize with one format)")
     fmt = fmt or "int8_w8a8"
+    auto_alpha = smooth_alpha is not None and smooth_alpha.strip().lower() == "auto"
+    if smooth_alpha is not None and not auto_alpha:
+        try:
+            smooth_alpha = float(smooth_alpha)
+        except ValueError:
+            raise DiffspeedError(f"--smooth-alpha must be a number in [0, 1] or 'auto', got {smooth_alpha!r}") from None
     if fmt not in FORMATS:
         raise DiffspeedError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     if act not in ("dynamic", "static"):
@@ -301,7 +309,8 @@ def quantize(
     else:
         config = PTQConfig(format=fmt, act=act,
                            calibration=str(calibration.resolve()) if calibration is not None else None,
-                           smooth_alpha=smooth_alpha, include=tuple(include or ()), exclude=tuple(exclude or ()),
+                           smooth_alpha=None if auto_alpha else smooth_alpha,
+                           include=tuple(include or ()), exclude=tuple(exclude or ()),
                            skip_sensitive=keep_sensitive, group_size=group_size)
         if calibration is not None:
             from .quant.calibration import ActivationStats
@@ -320,6 +329,19 @@ def quantize(
     else:
         if stats is not None:
             stats.check_model(transformer)
+        if auto_alpha:
+            import dataclasses
+
+            from .quant.alpha_search import search_smooth_alpha
+
+            if search_steps <= 0 or search_seeds <= 0:
+                raise DiffspeedError("--search-steps and --search-seeds must be positive")
+            with console.status("searching the SmoothQuant alpha (one short generation per candidate)"):
+                best, scores = search_smooth_alpha(loaded, config, stats=stats, steps=search_steps,
+                                                   seeds=list(range(9000, 9000 + search_seeds)))
+            console.print("SmoothQuant alpha search (PSNR dB vs unquantized): "
+                          + ", ".join(f"{k}: {v:.2f}" for k, v in scores.items()) + f" -> {best}")
+            config = dataclasses.replace(config, smooth_alpha=best)
         report = ptq_model_(transformer, config, stats=stats)
         extra = None
     _save_dir_atomic(transformer, out, extra)
