@@ -61,6 +61,8 @@ FIDELITY_CONFIGS = (
     ("ptq int8_w8a8 dynamic+smooth", False, "ptq", {"format": "int8_w8a8", "act": "dynamic", "smooth_alpha": 0.5}),
     ("ptq int8_w8a8 static", False, "ptq", {"format": "int8_w8a8", "act": "static"}),
     ("ptq int8_w8a8 static+smooth", False, "ptq", {"format": "int8_w8a8", "act": "static", "smooth_alpha": 0.5}),
+    # the alpha `--smooth-alpha auto` picks on this model (benchmarks/results/smooth_alpha_cpu.json)
+    ("ptq int8_w8a8 static+smooth 0.65", False, "ptq", {"format": "int8_w8a8", "act": "static", "smooth_alpha": 0.65}),
     ("ptq fp8_w8a8 dynamic", False, "ptq", {"format": "fp8_w8a8", "act": "dynamic"}),
     ("ptq fp8_w8a8 static", False, "ptq", {"format": "fp8_w8a8", "act": "static"}),
     ("ptq int8_weight_only", False, "ptq", {"format": "int8_weight_only"}),
