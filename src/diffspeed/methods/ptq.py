@@ -275,7 +275,7 @@ def save_ptq(model: nn.Module, path: str | Path) -> Path:
             layers[f] = {"format": m.fmt, "act": m.act, "group_size": m.group_size, "kernel": m.kernel,
                          "int4_layout": m.int4_layout, "in_features": m.in_features, "out_features": m.out_features,
                          "smooth": m.smooth is not None, "bias": m.bias is not None,
-                         "act_groups": 0 if m.act_scale is None else int(m.act_scale.numel())}
+                         "act_groups": 0 if m.act_scale is None else int(m.act_scale.numel()) - 1}
     meta = {"diffspeed_ptq": PTQ_FORMAT_VERSION, "config": handle.config.to_dict(), "layers": layers,
             "model_class": type(getattr(model, "_orig_mod", model)).__name__, "torch_version": torch.__version__}
     save_file(tensors, str(out / WEIGHTS_FILE))

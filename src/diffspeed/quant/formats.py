@@ -196,7 +196,7 @@ class QuantLinear(nn.Module):
 
     Buffers: ``qweight`` (int8 ``[N, K]`` / float8 ``[N, K]`` / int4-packed), ``w_scale`` (``[N]`` fp32
     for int8/fp8) or ``scales_and_zeros`` (``[K // group, N, 2]`` for int4), ``bias`` (original
-    dtype, optional), ``act_scale`` (``[G]`` fp32, static w8a8 only) and ``smooth`` (``[K]`` fp32,
+    dtype, optional), ``act_scale`` (``[G + 1]`` fp32, static w8a8 only: the group scales, then their max) and ``smooth`` (``[K]`` fp32,
     SmoothQuant divisor, optional). ``kernel`` names the low-precision op every forward runs.
     """
 
@@ -222,16 +222,15 @@ class QuantLinear(nn.Module):
         object.__setattr__(self, "_ctx", ctx)
 
     def _static_scale(self) -> torch.Tensor:
-        table: torch.Tensor = self.act_scale
-        if self._group is not None:  # index G means "no step context": the largest scale
-            full = torch.cat([table, table.amax().reshape(1)])
-            return full.index_select(0, self._group.t.reshape(1))
+        table: torch.Tensor = self.act_scale  # G group scales, then their max (entry G: no step context)
+        if self._group is not None:
+            return table.index_select(0, self._group.t.reshape(1))
         ctx = self._ctx
-        g_count = table.shape[0]
+        g_count = table.shape[0] - 1
         if ctx is not None and ctx.num_steps and 0 <= ctx.step_index < ctx.num_steps:
             g = ctx.step_index * g_count // ctx.num_steps  # python ints: no host sync
             return table[g:g + 1]
-        return table.amax().reshape(1)  # no step context: the largest scale never clips
+        return table[-1:]  # no step context: the largest scale never clips
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,7 +329,7 @@ def attach_step_group(model: nn.Module, layers: list["QuantLinear"], ctx: Any) -
         return None
     device = layers[0].act_scale.device
     holder = _GroupHolder(torch.zeros((), dtype=torch.int64, device=device))
-    num_groups = {q.act_scale.numel() for q in layers}
+    num_groups = {q.act_scale.numel() - 1 for q in layers}
     if len(num_groups) != 1:
         raise DiffspeedError(f"the static layers have different numbers of timestep groups: {sorted(num_groups)}")
     g_count = num_groups.pop()
@@ -453,7 +452,10 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
     ql.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
     ql.fused_bias = (fmt == "fp8_w8a8" and linear.bias is not None and device.type == "cuda"
                      and _op_works("_scaled_mm_bias", str(device)) is None)
-    ql.register_buffer("act_scale", act_scales.to(device) if ql.act == "static" else None)
+    # static: the G group scales plus their max as entry G (the no-step-context fallback), so that
+    # picking a scale is one index on the hot path
+    table = torch.cat([act_scales, act_scales.amax().reshape(1)]) if ql.act == "static" else None
+    ql.register_buffer("act_scale", table.to(device) if table is not None else None)
     ql.register_buffer("smooth", smooth)
     return ql
 
