@@ -93,12 +93,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import ModelAdapter
-from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import wrap_forward
 from ._validate import is_number as _is_number, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .token_subset import (  # noqa: F401  (re-exported: token_merge imports the argument helpers from here)
+    partial_step_allowed,
+    subset_handle,
     _COGVIDEOX,
     _WAN,
     TokenSubsetRunner,
@@ -251,23 +252,10 @@ def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: Mod
     n_blocks = len(blocks)
     patch = patch_size(base)
 
-    handle = MethodHandle(model, config)
-    ctx = get_context(model)
-    key = f"motion_cache@{id(handle)}"
-    handle.state_key = key  # type: ignore[attr-defined]
-    stats = handle.stats
-    stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
-                  "skipped_fraction": 0.0})
+    handle, ctx, key, stats = subset_handle(model, config, "motion_cache")
 
     def partial_allowed(st: dict) -> bool:
-        step, total = ctx.step_index, ctx.num_steps
-        if step < config.warmup_steps:
-            return False
-        if total is not None and step >= total - config.final_steps:
-            return False
-        if st.get("partials", 0) >= config.full_every - 1:
-            return False
-        return "cache" in st
+        return partial_step_allowed(ctx, config, st, ("cache",))
 
     def model_wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
         st = ctx.state(key)

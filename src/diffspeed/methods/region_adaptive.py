@@ -57,13 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import ModelAdapter
-from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import output_tensor, wrap_forward
 from ._validate import grid_kind, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .motion_cache import patch_size as _wan_patch_size
-from .token_subset import _WAN, TokenSubsetRunner, _reduce_rotary, _rotary_mode
+from .token_subset import _WAN, TokenSubsetRunner, _reduce_rotary, _rotary_mode, partial_step_allowed, subset_handle
 from .token_merge import token_grid as _token_grid
 
 _EPS = 1e-12
@@ -148,23 +147,10 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
     else:
         patch = _wan_patch_size(base)
 
-    handle = MethodHandle(model, config)
-    ctx = get_context(model)
-    key = f"region_adaptive@{id(handle)}"
-    handle.state_key = key  # type: ignore[attr-defined]
-    stats = handle.stats
-    stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
-                  "skipped_fraction": 0.0})
+    handle, ctx, key, stats = subset_handle(model, config, "region_adaptive")
 
     def partial_allowed(st: dict) -> bool:
-        step, total = ctx.step_index, ctx.num_steps
-        if step < config.warmup_steps:
-            return False
-        if total is not None and step >= total - config.final_steps:
-            return False
-        if st.get("partials", 0) >= config.full_every - 1:
-            return False
-        return "cache" in st and "score" in st
+        return partial_step_allowed(ctx, config, st, ("cache", "score"))
 
     def model_wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
         st = ctx.state(key)

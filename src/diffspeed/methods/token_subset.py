@@ -202,6 +202,29 @@ CacheFields = Callable[[Any, torch.Tensor], dict]
 PartialHook = Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def subset_handle(model: nn.Module, config: Any, name: str) -> tuple[MethodHandle, Any, str, dict]:
+    """(handle, step context, per-branch state key, stats) of a token-subset method, stats zeroed."""
+    from ..context import get_context
+
+    handle = MethodHandle(model, config)
+    key = f"{name}@{id(handle)}"
+    handle.state_key = key  # type: ignore[attr-defined]
+    handle.stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
+                         "skipped_fraction": 0.0})
+    return handle, get_context(model), key, handle.stats
+
+
+def partial_step_allowed(ctx: Any, config: Any, st: dict, needs: tuple[str, ...] = ("cache",)) -> bool:
+    """The shared schedule: no partial step during ``warmup_steps`` or the last ``final_steps``, at most
+    ``full_every - 1`` partial steps in a row, and only once the branch state has ``needs``."""
+    step, total = ctx.step_index, ctx.num_steps
+    if step < config.warmup_steps or (total is not None and step >= total - config.final_steps):
+        return False
+    if st.get("partials", 0) >= config.full_every - 1:
+        return False
+    return all(k in st for k in needs)
+
+
 class TokenSubsetRunner:
     """Gathers a per-row token subset at block 0, reduces every block call, scatters after the last block.
 
