@@ -90,7 +90,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
 
 import torch  # noqa: E402
 
-from diffspeed.bench.script import Budget, fmt as _f, once, record_drift, start_watchdog  # noqa: E402
+from diffspeed.bench.script import Budget, budget_finisher, fmt as _f, record_drift, start_watchdog  # noqa: E402
 
 PSNR_BAR = 30.0  # dB: the fidelity bar of the summary
 IDENTICAL_PSNR = 100.0  # where bit-identical outputs are drawn in the plot
@@ -933,21 +933,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with lock:
             write_json(list(rows), args.out)
 
-    @once
-    def finish(truncated: bool) -> None:
-        if truncated:
-            budget.truncated = True
-        try:
-            writer()
-            if args.plot:
-                try:
-                    pareto_png(rows, args.plot)
-                except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-                    log(f"plot failed: {type(exc).__name__}: {exc}")
-            print_table(rows)
-        finally:
-            print(json.dumps(summarize(rows, budget, time.perf_counter() - _T0), allow_nan=False,
-                             default=_json_default), flush=True)
+    finish = budget_finisher(
+        budget, writer, plot=(lambda: pareto_png(rows, args.plot)) if args.plot else None,
+        table=lambda: print_table(rows), summary=lambda: summarize(rows, budget, time.perf_counter() - _T0), log=log,
+        json_default=_json_default)
 
     timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
     log(f"device {device}, dtype {args.dtype}, stages {sorted(stages)}, models {args.models}, steps {args.steps}")

@@ -95,7 +95,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from diffspeed.bench.script import Budget, fmt as _f, once, record_drift, start_watchdog  # noqa: E402
+from diffspeed.bench.script import Budget, budget_finisher, fmt as _f, record_drift, start_watchdog  # noqa: E402
 
 PSNR_BAR = 30.0
 IDENTICAL_PSNR = 100.0  # where identical outputs are drawn in the plot
@@ -714,21 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with lock:
             write_result(_meta(args, argv, device, budget), list(rows), args.out)
 
-    @once
-    def finish(truncated: bool) -> None:
-        if truncated:
-            budget.truncated = True
-        try:
-            writer()
-            if args.plot:
-                try:
-                    plot_png(rows, args.plot)
-                except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
-                    log(f"plot failed: {type(exc).__name__}: {exc}")
-            print_table(rows)
-        finally:
-            print(json.dumps(summarize(rows, budget, time.perf_counter() - _T0), allow_nan=False, default=str),
-                  flush=True)
+    finish = budget_finisher(
+        budget, writer, plot=(lambda: plot_png(rows, args.plot)) if args.plot else None,
+        table=lambda: print_table(rows), summary=lambda: summarize(rows, budget, time.perf_counter() - _T0), log=log)
 
     timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
     log(f"device {device}, dtype {args.dtype}, models {args.models}, methods {args.methods}, steps {args.steps}, "

@@ -83,6 +83,32 @@ def once(fn: Callable[[bool], Any]) -> Callable[[bool], bool]:
     return wrapper
 
 
+def budget_finisher(budget: "Budget", write: Callable[[], Any], *, plot: Callable[[], Any] | None,
+                     table: Callable[[], Any], summary: Callable[[], dict[str, Any]],
+                     log: Callable[[str], None], json_default: Callable[[Any], Any] = str) -> Callable[[bool], bool]:
+    """The once-only end of a budgeted benchmark (main thread or watchdog): mark the budget truncated
+    when asked, write the rows, draw the plot (a failed plot is logged, the numbers still count), print
+    the table, and always print the JSON summary line."""
+    import json
+
+    @once
+    def finish(truncated: bool) -> None:
+        if truncated:
+            budget.truncated = True
+        try:
+            write()
+            if plot is not None:
+                try:
+                    plot()
+                except Exception as exc:  # noqa: BLE001 - the numbers matter more than the picture
+                    log(f"plot failed: {type(exc).__name__}: {exc}")
+            table()
+        finally:
+            print(json.dumps(summary(), allow_nan=False, default=json_default), flush=True)
+
+    return finish
+
+
 def start_watchdog(hard_limit_s: float, t0: float, finish: Callable[[bool], bool],
                    log: Callable[[str], None]) -> threading.Timer:
     """At ``t0 + hard_limit_s`` call ``finish(True)`` (a :func:`once` wrapper) and exit the process with 0."""
