@@ -13,14 +13,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_quantization", ROOT / "benchmarks" / "quantization.py")
+def _load(name: str = "quantization"):
+    """Import ``benchmarks/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(), reason="reference weights missing")
+needs_weights = pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(),
+                                   reason="reference weights missing")
+
+
+@needs_weights
 def test_quantization_bench_cpu_smoke(tmp_path):
     out = tmp_path / "q.json"
     mod = _load()
@@ -46,26 +51,26 @@ def test_quantization_bench_cpu_smoke(tmp_path):
     assert (tmp_path / "q.png").exists()
 
 
-@pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(), reason="reference weights missing")
+@needs_weights
 def test_compensation_bench_cpu_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_compensation", ROOT / "benchmarks" / "compensation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("compensation")
     out = tmp_path / "c.json"
     assert mod.main(["--settings", "int4-row:2", "--calib", "2", "--eval", "2", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["steps_corrected"] > 0
     assert math.isfinite(row["psnr_db_plain"]) and math.isfinite(row["psnr_db_compensated"])
     assert row["psnr_db_plain"] < 60  # the 4-bit rounding really changed the output
+    assert row["psnr_db_compensated"] != row["psnr_db_plain"]  # the correction really changed it too
 
 
-@pytest.mark.skipif(not (ROOT / "src/diffspeed/weights/reference-image").exists(), reason="reference weights missing")
+@needs_weights
 def test_smooth_alpha_bench_cpu_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_smooth_alpha", ROOT / "benchmarks" / "smooth_alpha.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("smooth_alpha")
     out = tmp_path / "a.json"
     assert mod.main(["--steps", "2", "--calib", "2", "--eval", "2", "--groups", "2", "--acts", "static", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {r["alpha"] for r in rows} == {None, 0.3, 0.5, 0.65, 0.8}
     assert sum(r["chosen"] for r in rows) == 1 and all(math.isfinite(r["psnr_db"]) for r in rows)
+    (chosen,) = [r for r in rows if r["chosen"]]
+    assert chosen["psnr_db"] == max(r["psnr_db"] for r in rows)
+    assert len({round(r["psnr_db"], 6) for r in rows}) > 1  # smoothing changes the quantized output
