@@ -109,3 +109,22 @@ def test_sweeps_and_batches():
         assert {(s["backend"], s["block_size"]) for s in gpu} == {("flex", 128)}
     ra = tok.sweep("region_adaptive", steps=25, n_tokens=1024, quick=False, on_cuda=True, sparse_backend=None)
     assert len({s["recompute_ratio"] for s in ra}) >= 3
+
+
+def test_full_context_bench_cpu_smoke(tmp_path):
+    """benchmarks/full_context.py writes one row per case and setting; the switch really changes the output."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_full_context", root / "benchmarks" / "full_context.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fc.json"
+    assert mod.main(["--labels", "0", "--seeds", "5", "--steps-scale", "0.2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and {r["settings"]["full_context"] for r in rows} == {False, True}
+    pairs = [(off, on) for off, on in zip(rows[::2], rows[1::2]) if off["skipped_fraction"] > 0]
+    assert pairs and all(not off["settings"]["full_context"] and on["settings"]["full_context"] for off, on in pairs)
+    assert any(off["psnr_db"] != on["psnr_db"] for off, on in pairs)

@@ -59,7 +59,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..errors import DiffspeedError, IncompatibleMethodsError
 from ..hooks import output_tensor, wrap_forward
-from ._validate import grid_kind, require_int, require_recompute_ratio, unwrap as _unwrap
+from ._validate import grid_kind, require_bool, require_int, require_recompute_ratio, unwrap as _unwrap
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 from .motion_cache import patch_size as _wan_patch_size
 from .token_subset import _WAN, TokenSubsetRunner, _reduce_rotary, _rotary_mode, partial_step_allowed, subset_handle
@@ -81,6 +81,9 @@ class RegionAdaptiveConfig(MethodConfig):
     full_every: at most ``full_every - 1`` partial steps in a row; the next one is full.
     final_steps: the last steps are computed in full; needs a known step count.
     starvation_steps: a token reused for more than this many steps is recomputed first.
+    full_context: on Wan, recomputed tokens attend to the keys / values of every token (False: only to
+        each other, which loses their attention context; kept to measure the difference). Image
+        models always read every token's keys / values from their key/value cache.
     """
 
     method: ClassVar[str] = "region_adaptive"
@@ -102,6 +105,7 @@ class RegionAdaptiveConfig(MethodConfig):
     full_every: int = 5
     final_steps: int = 1
     starvation_steps: int = 4
+    full_context: bool = True
 
     def __post_init__(self) -> None:
         require_recompute_ratio("region_adaptive", self.recompute_ratio)
@@ -109,6 +113,7 @@ class RegionAdaptiveConfig(MethodConfig):
         require_int("region_adaptive", "full_every", self.full_every, 2, "1 would compute every step in full")
         require_int("region_adaptive", "final_steps", self.final_steps, 0)
         require_int("region_adaptive", "starvation_steps", self.starvation_steps, 1, "steps a token may be reused")
+        require_bool("region_adaptive", "full_context", self.full_context)
 
 
 def _kind(model: nn.Module) -> str:
@@ -205,10 +210,9 @@ def apply_region_adaptive(model: nn.Module, config: RegionAdaptiveConfig, adapte
             return {"hits": old["hits"]}
         return {"hits": torch.zeros(residual.shape[:2], dtype=torch.int32, device=residual.device)}
 
-    # video (Wan): recomputed tokens attend to every token's keys/values (the runner's full-context path);
-    # image models get the same from the key/value cache below
+    # video (Wan): the runner's full-context path; image models use the key/value cache below
     runner = TokenSubsetRunner(ctx, key, stats, n_blocks, _WAN if kind == "video" else None, select, cache_fields,
-                               require_3d=True, full_context=kind == "video")
+                               require_3d=True, full_context=kind == "video" and config.full_context)
 
     def kv_wrapper(name: str, inner: Any, *args: Any, **kwargs: Any) -> Any:
         """attn1.to_k / to_v (image models): keys/values of every token, reused ones from the cache."""
