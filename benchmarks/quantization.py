@@ -122,21 +122,10 @@ def low_precision_ops(fn: Callable[[], Any], device: torch.device) -> list[str]:
 
 
 def weight_mb(model: torch.nn.Module) -> float:
-    """Weight storage of the model: quantized layers by their packed size, the rest by their tensors."""
-    from diffspeed.quant.formats import QuantLinear, weight_nbytes
+    """Parameters and buffers of the model in MiB, quantized weights by their packed storage."""
+    from diffspeed.methods.quantize import model_nbytes
 
-    total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, QuantLinear) or (isinstance(module, torch.nn.Linear)):
-            total += weight_nbytes(module)
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                total += module.bias.numel() * module.bias.element_size()
-            seen.update(id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            total += t.numel() * t.element_size()
-    return total / 2**20
+    return model_nbytes(model) / 2**20
 
 
 def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], stats_path: str | None) -> dict[str, Any]:

@@ -217,14 +217,15 @@ def _apply_plan(model: Any, plan: Any) -> Any:
 
     from .context import get_context
     from .methods.base import _applied
-    from .methods.ptq import PTQConfig, PTQReport, _finish, _model_bytes
+    from .methods.ptq import PTQConfig, PTQReport, _finish
+    from .methods.quantize import model_nbytes
     from .quant.formats import QuantLinear, attach_step_group, weight_nbytes
     from .quant.mixed_precision import apply_plan_
 
     if _applied(model):
         raise DiffspeedError("the model already has methods applied; reload it")
     todo = plan.quantized_layers
-    before = _model_bytes(model)
+    before = model_nbytes(model)
     q_before = sum(weight_nbytes(model.get_submodule(f)) for f in todo)
     apply_plan_(model, plan)
     ctx = get_context(model)
@@ -245,7 +246,7 @@ def _apply_plan(model: Any, plan: Any) -> Any:
                       for f, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)}
     report.quantized_bytes_before = q_before
     report.weight_bytes_before = before
-    report.weight_bytes_after = _model_bytes(model)
+    report.weight_bytes_after = model_nbytes(model)
     _applied(model)[PTQConfig.method] = _finish(model, PTQConfig(format=report.format), report)
     return report
 
@@ -509,7 +510,8 @@ def plan_bits(
 
     from types import SimpleNamespace
 
-    from .methods.ptq import _device, _model_bytes
+    from .methods.ptq import _device
+    from .methods.quantize import model_nbytes
     from .methods.quantize import select_layers
     from .quant.formats import unavailable_reasons
     from .quant.mixed_precision import NONE, assign_bits, capture_calib_inputs, layer_sensitivity, measure_layer_bytes
@@ -533,7 +535,7 @@ def plan_bits(
     for fmt in cands:
         for f, row in measure_layer_bytes(transformer, ok[fmt], [fmt]).items():
             layer_bytes[f][fmt] = row[fmt]
-    total = _model_bytes(transformer)
+    total = model_nbytes(transformer)
     fixed = total - sum(layer_bytes[f][NONE] for f in layers)
     if budget_fraction is not None:
         budget_mb = budget_fraction * total / 1e6

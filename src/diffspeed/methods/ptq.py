@@ -42,7 +42,7 @@ from ..quant.formats import (
 from ._validate import require_bool, require_patterns
 from .base import MethodConfig, MethodHandle, Stage, _applied, register_method
 from .quantize import _finish as _finish_quantized
-from .quantize import _is_quantized, _load_into, _raise_problems, _unapplied, select_layers
+from .quantize import _is_quantized, _load_into, _raise_problems, _unapplied, model_nbytes, select_layers
 
 PTQ_FORMAT_VERSION = 1
 WEIGHTS_FILE = "ptq.safetensors"
@@ -127,10 +127,6 @@ class PTQReport:
     handle: MethodHandle | None = None
 
 
-def _model_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -198,7 +194,7 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
                                  f"(and {len(missing) - 1} more); recalibrate with layers=None")
     ctx = get_context(model)
     report = PTQReport(config.format, skipped=dict(skipped))
-    report.weight_bytes_before = _model_bytes(model)
+    report.weight_bytes_before = model_nbytes(model)
     qmax = 127.0 if config.format == "int8_w8a8" else 448.0
     new: list[QuantLinear] = []
     for f in fqns:
@@ -213,7 +209,7 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
         new.append(_install(model, f, lin, ql, ctx, report))
     attach_step_group(model, new, ctx)
     report.quantized = list(fqns)
-    report.weight_bytes_after = _model_bytes(model)
+    report.weight_bytes_after = model_nbytes(model)
     return report
 
 
@@ -338,7 +334,7 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
 
     ctx = get_context(model)
     report = PTQReport(config.format)
-    report.weight_bytes_before = _model_bytes(model)
+    report.weight_bytes_before = model_nbytes(model)
     new: list[QuantLinear] = []
     for f, info in layers.items():
         lin = model.get_submodule(f)
@@ -352,7 +348,7 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
         _load_into(state, list(model.named_parameters()) + list(model.named_buffers()), problems)
     _raise_problems(src, problems, state, "; the model's linears are now partly replaced: reload it")
     attach_step_group(model, new, ctx)
-    report.weight_bytes_after = _model_bytes(model)
+    report.weight_bytes_after = model_nbytes(model)
     applied[config.method] = _finish(model, config, report)
     return report
 

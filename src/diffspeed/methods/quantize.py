@@ -181,8 +181,10 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _model_bytes(model: nn.Module) -> int:
-    return sum(_nbytes(p) for p in model.parameters())
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, a torchao-quantized weight counted by its inner tensors
+    (so diffspeed's own quantized layers, which keep their weights in buffers, count too)."""
+    return sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
 
 
 def sensitive_reason(fqn: str) -> str | None:
@@ -241,7 +243,7 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
 
     modules = dict(model.named_modules())
     report = QuantizeReport(config.backend, skipped=dict(skipped))
-    report.weight_bytes_before = _model_bytes(model)
+    report.weight_bytes_before = model_nbytes(model)
     report.quantized_bytes_before = sum(_nbytes(modules[f].weight) for f in fqns)
     wanted = set(fqns)
     if wanted:
@@ -253,7 +255,7 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
             f"(e.g. {missed[0]!r}); this torchao version may not support the backend here"
         )
     report.quantized = list(fqns)
-    report.weight_bytes_after = _model_bytes(model)
+    report.weight_bytes_after = model_nbytes(model)
     report.quantized_bytes_after = sum(_nbytes(modules[f].weight) for f in fqns)
     return report
 
