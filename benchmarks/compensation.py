@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from torch import nn
 
 import diffspeed
 from diffspeed.bench.metrics import psnr
+from diffspeed.bench.runner import write_json
+from diffspeed.bench.script import command_meta
 from diffspeed.methods.error_compensation import ErrorCompensationConfig
 from diffspeed.models.loading import load_model
 from diffspeed.quant.compensation import calibrate_compensation
@@ -111,11 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name} {steps} steps: plain {row['psnr_db_plain']:.2f} dB, compensated "
               f"{row['psnr_db_compensated']:.2f} dB ({row['psnr_gain_db']:+.2f}), {row['row_s']} s", flush=True)
-    meta = {"command": "python benchmarks/compensation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "torch": torch.__version__}
-    rows[0]["meta"] = meta
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    rows[0]["meta"] = command_meta("benchmarks/compensation.py", argv)
+    write_json(rows, args.out)
     return 0
 
 

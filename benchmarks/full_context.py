@@ -12,14 +12,13 @@ the final clips vs the full model's. Writes a JSON list of rows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
 
 import diffspeed
 from diffspeed.bench.metrics import psnr
+from diffspeed.bench.runner import write_json
+from diffspeed.bench.script import command_meta
 from diffspeed.methods.motion_cache import MotionCacheConfig
 from diffspeed.methods.region_adaptive import RegionAdaptiveConfig
 from diffspeed.models.loading import load_model
@@ -62,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{method} {steps} steps {row['settings']}: {row['psnr_db']:.2f} dB, "
                   f"{row['skipped_fraction']:.1%} token-blocks reused", flush=True)
-    rows[0]["meta"] = {"command": "python benchmarks/full_context.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    rows[0]["meta"] = command_meta("benchmarks/full_context.py", argv)
+    write_json(rows, args.out)
     return 0
 
 

@@ -11,13 +11,13 @@ list of rows (``act``, ``alpha`` or null, ``psnr_db`` vs the unquantized output)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
+from diffspeed.bench.runner import write_json
+from diffspeed.bench.script import command_meta
 from diffspeed.methods.ptq import PTQConfig
 from diffspeed.models.loading import load_model
 from diffspeed.quant.alpha_search import search_smooth_alpha
@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                          "chosen": (None if key == "none" else float(key)) == best, "steps": args.steps,
                          "calib_seeds": args.calib, "eval_seeds": args.eval})
         print(f"{act}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f" -> {best}", flush=True)
-    rows[0]["meta"] = {"command": "python benchmarks/smooth_alpha.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    rows[0]["meta"] = command_meta("benchmarks/smooth_alpha.py", argv)
+    write_json(rows, args.out)
     return 0
 
 

@@ -83,6 +83,15 @@ def once(fn: Callable[[bool], Any]) -> Callable[[bool], bool]:
     return wrapper
 
 
+def command_meta(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The command line that produced a result file (``argv`` None: this process's), with torch's version."""
+    import shlex
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    return {"command": " ".join(["python", script, *map(shlex.quote, args)]), "torch": torch.__version__}
+
+
 def budget_finisher(budget: "Budget", write: Callable[[], Any], *, plot: Callable[[], Any] | None,
                      table: Callable[[], Any], summary: Callable[[], dict[str, Any]],
                      log: Callable[[str], None], json_default: Callable[[Any], Any] = str) -> Callable[[bool], bool]:
