@@ -10,6 +10,11 @@ For each sequence length (``--seq-lens``, default 1024,4096,16384,32768,65536) a
   BlockMask from :func:`block_selection`) at a few thresholds and global-local settings
   (``--settings``). Its time includes the block selection (pooled estimates + sort), i.e. the whole
   method call. ``threshold=0`` (all blocks) shows flex's own overhead vs SDPA.
+* ``flex`` with ``settings.compensate = true`` (``--compensate both``, the default, adds one per
+  setting with threshold > 0, right after its uncompensated row): remainder compensation - the
+  dropped key blocks are added back through their pooled keys/values (per query token, merged
+  exactly with flex's log-sum-exp). Its time includes the pooled part (``N x N / block_size`` fp32
+  scores, plain torch) and the flex call with LSE output.
 
 Timing: warm-up calls (the first flex call per shape compiles), then median of CUDA-event timed calls
 (:func:`diffspeed.bench.timing.time_callable`). ``rel_error`` = ||out - ref|| / ||ref|| in fp32, ref =
@@ -42,14 +47,26 @@ are measured on q/k/v *captured from the trained reference video model* (``refer
    two captured heads ``2h mod 15`` and ``(2h+1) mod 15`` are concatenated along the channel axis
    (q, k and v), so the logits are (s_a + s_b) / sqrt(2) of the two captured logit maps (same
    variance, structure of both).
-5. ``input="random"``: i.i.d. N(0, 1) q/k/v rows for comparison (flat maps).
+5. ``input="structured-noisy"`` (``--inputs structured-noisy``; lengths other than the captured one):
+   the structured-upsampled q, k, v plus i.i.d. Gaussian per-token noise whose per-(head, channel)
+   std restores the captured maps' within-block spread: ``sigma^2 = max(spread_captured^2 -
+   spread_upsampled^2, 0)``, spread = std of the token minus its block mean over blocks of
+   ``--block-size`` tokens in sequence order. Upsampled tokens are smooth within a block, which
+   favours the pooled block estimate and above all the pooled remainder compensation (exact for
+   constant blocks); this variant is *not* smooth within blocks, so compensation is not judged only
+   on inputs it is built for. Rows carry a ``notes`` field saying this. It is pessimistic: a block of
+   ``--block-size`` captured tokens spans a larger spatio-temporal region than the same number of
+   upsampled tokens, and i.i.d. noise on q and k adds unstructured logit noise (harder selection).
+6. ``input="random"``: i.i.d. N(0, 1) q/k/v rows for comparison (flat maps).
 
 Rows: ``seq_len``, ``head_dim``, ``method`` (dense / flex), ``settings``, ``ms``, ``speedup`` (dense ms /
-ms), ``rel_error``, ``density``, ``input``, ``reference``, ``device``, ... Written to ``--out`` after every
-row; ``--plot`` writes speedup vs rel_error per seq_len. The last stdout line is a JSON summary
-(``target_3x_at_32k_le_3pct``: does any flex setting reach >= 3x at 32k with rel_error <= 3% on
-structured inputs). ``--budget-s`` skips (seq_len, head_dim) groups that no longer fit; ``--hard-limit-s``
-writes what was measured and exits 0 (``truncated: true``).
+ms), ``rel_error``, ``density``, ``input``, ``reference``, ``device``, ``notes``... Written to ``--out``
+after every row; ``--plot`` writes speedup vs rel_error per seq_len. The last stdout line is a JSON
+summary (``target_3x_at_32k_le_3pct``: does any flex setting reach >= 3x at 32k with rel_error <= 3% on
+structured inputs; ``target_by_variant``: the same per input and compensate on/off). ``--budget-s``
+skips (seq_len, head_dim) groups that no longer fit (32k first; within a group structured, then
+structured-noisy, then random inputs, each compensated row right after its plain one);
+``--hard-limit-s`` writes what was measured and exits 0 (``truncated: true``).
 
 Usage (H100)::
 
@@ -100,9 +117,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="comma list of threshold:local_window:global_tokens for the flex rows")
-    p.add_argument("--inputs", default="structured,random",
-                   help="structured (captured at 1024 / structured-upsampled elsewhere) and/or random")
+                   help="comma list of threshold:local_window:global_tokens[:c] for the flex rows "
+                        "(a 4th field c / 1 = remainder compensation on)")
+    p.add_argument("--compensate", default="both", choices=["both", "off", "only"],
+                   help="both: each setting with threshold > 0 also runs compensated (right after it); "
+                        "off: only the settings as given; only: settings with threshold > 0 compensated only")
+    p.add_argument("--inputs", default="structured,structured-noisy,random",
+                   help="structured (captured at 1024 / structured-upsampled elsewhere), structured-noisy "
+                        "(upsampled + per-token noise restoring the captured within-block spread) and/or random")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--capture-steps", type=int, default=10)
@@ -214,6 +236,50 @@ def structured_inputs(cap: dict[str, Any], n: int, heads: int, head_dim: int) ->
     return out, kind, list(grid)
 
 
+NOTE_SMOOTH = ("structured-upsampled tokens are interpolated, so smooth within a block: this favours the pooled "
+               "block estimate and especially the pooled remainder compensation (exact for constant blocks); "
+               "weigh it against the structured-noisy rows")
+NOTE_NOISY = ("structured-upsampled + i.i.d. per-token noise restoring the captured maps' within-block spread "
+              "(per head and channel): not smooth within blocks; pessimistic (captured blocks span a larger "
+              "region than upsampled ones, and the noise adds unstructured logit noise)")
+
+
+def within_block_std(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x (H, N, D) -> (H, D): std of (token - its block mean) over blocks of ``block_size`` tokens in
+    sequence order (a last partial block is dropped; the whole sequence is one block if shorter)."""
+    h, n, d = x.shape
+    bs = min(block_size, n)
+    nb = n // bs
+    xb = x[:, : nb * bs].reshape(h, nb, bs, d)
+    return (xb - xb.mean(2, keepdim=True)).pow(2).mean((1, 2)).sqrt()
+
+
+def noisy_structured_inputs(cap: dict[str, Any], n: int, heads: int, head_dim: int, block_size: int,
+                            seed: int) -> tuple[list[torch.Tensor], str, Any, dict[str, float]]:
+    """Like :func:`structured_inputs` plus per-token Gaussian noise (see the module docstring)."""
+    src_d = cap["q"].shape[-1]
+    if head_dim % src_d:
+        raise SystemExit(f"head dim {head_dim} is not a multiple of the captured head dim {src_d}")
+    per = head_dim // src_d
+    n_src = cap["q"].shape[0]
+    gen = torch.Generator().manual_seed(seed + 7919 * n + head_dim)
+    out, info = [], {}
+    grid = None
+    for name in ("q", "k", "v"):
+        x, grid = resample(cap[name], cap["grid"], n)
+        s_cap = within_block_std(cap[name], block_size)
+        s_up = within_block_std(x, block_size)
+        sigma = (s_cap.pow(2) - s_up.pow(2)).clamp_min(0).sqrt()  # (n_src, src_d)
+        x = x + torch.randn(x.shape, generator=gen) * sigma[:, None, :]
+        info[f"{name}_spread_captured"] = round(float(s_cap.mean()), 4)
+        info[f"{name}_spread_upsampled"] = round(float(s_up.mean()), 4)
+        info[f"{name}_noise_std"] = round(float(sigma.mean()), 4)
+        idx = torch.tensor([(h * per + j) % n_src for h in range(heads) for j in range(per)])
+        x = x[idx].reshape(heads, per, n, src_d).permute(0, 2, 1, 3).reshape(heads, n, head_dim)
+        out.append(x[None])
+    return out, "structured-noisy", list(grid), info
+
+
 # ---- SDPA helpers ----------------------------------------------------------------------------------
 
 
@@ -236,13 +302,15 @@ def make_plot(rows: list[dict[str, Any]], path: str) -> str | None:
         return None
     fig, axes = plt.subplots(1, len(seqs), figsize=(4.2 * len(seqs), 3.8), squeeze=False)
     for ax, s in zip(axes[0], seqs):
-        for (inp, hd), marker in zip(sorted({(r["input"], r["head_dim"]) for r in rows if r["seq_len"] == s}),
-                                     "osD^v<>x+*"):
+        keys = sorted({(r["input"], r["head_dim"], bool(r["settings"].get("compensate", False)))
+                       for r in rows if r["seq_len"] == s and r["method"] == "flex"})
+        for (inp, hd, comp), marker in zip(keys, "osD^v<>x+*phH18"):
             pts = [r for r in rows if r["seq_len"] == s and r["input"] == inp and r["head_dim"] == hd
-                   and r["method"] == "flex" and r["rel_error"] is not None and r["speedup"] is not None]
+                   and r["method"] == "flex" and bool(r["settings"].get("compensate", False)) == comp
+                   and r["rel_error"] is not None and r["speedup"] is not None]
             if pts:
                 ax.scatter([max(p["rel_error"], 1e-5) for p in pts], [p["speedup"] for p in pts], marker=marker,
-                           label=f"{inp[:10]} d{hd}")
+                           label=f"{inp[:12]} d{hd}{' comp' if comp else ''}")
         ax.axhline(3.0, color="grey", ls=":")
         ax.axvline(0.03, color="grey", ls=":")
         ax.axhline(1.0, color="black", lw=0.5)
@@ -272,9 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     inputs_wanted = [s.strip() for s in args.inputs.split(",") if s.strip()]
     settings = []
     for item in args.settings.split(","):
-        t, lw, gt = item.split(":")
-        settings.append({"threshold": float(t), "local_window": int(lw), "global_tokens": int(gt),
-                         "block_size": args.block_size})
+        parts = item.split(":")
+        if len(parts) not in (3, 4):
+            raise SystemExit(f"--settings item {item!r} is not threshold:local_window:global_tokens[:c]")
+        comp = len(parts) == 4 and parts[3].strip().lower() in ("c", "1", "true", "comp", "compensate")
+        st = {"threshold": float(parts[0]), "local_window": int(parts[1]), "global_tokens": int(parts[2]),
+              "block_size": args.block_size}
+        plain, compd = {**st, "compensate": comp}, {**st, "compensate": True}
+        if comp or st["threshold"] == 0 or args.compensate == "off":
+            settings.append(plain)
+        elif args.compensate == "only":
+            settings.append(compd)
+        else:  # both: the compensated row right after its plain row (a budget cut drops neither alone)
+            settings.extend([plain, compd])
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 2)
     out_path = Path(args.out)
@@ -299,9 +377,14 @@ def main(argv: list[str] | None = None) -> int:
                 and r["speedup"] is not None and r["rel_error"] is not None]
         good = [r for r in at32 if r["speedup"] >= 3.0 and r["rel_error"] <= 0.03]
         best = max(good or at32, key=lambda r: r["speedup"], default=None)
+        by_variant: dict[str, bool] = {}
+        for r in at32:
+            key = f"{r['input']}{' compensated' if r['settings'].get('compensate') else ''}"
+            by_variant[key] = by_variant.get(key, False) or (r["speedup"] >= 3.0 and r["rel_error"] <= 0.03)
         return {
             "attention": str(out_path), "rows": len(rows), "device": device_name,
             "target_3x_at_32k_le_3pct": (bool(good) if at32 else None),
+            "target_by_variant": by_variant,
             "best_at_32k": None if best is None else {k: best[k] for k in
                                                      ("head_dim", "settings", "speedup", "rel_error", "density", "ms")},
             "capture": info.get("capture"), "skipped": skipped, "failed": failed, "truncated": truncated,
@@ -326,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     timer = start_watchdog(args.hard_limit_s, _T0, finish, log)
 
     cap = None
-    if "structured" in inputs_wanted:
+    unknown = [i for i in inputs_wanted if i not in ("structured", "structured-noisy", "random")]
+    if unknown:
+        raise SystemExit(f"unknown --inputs {unknown} (structured, structured-noisy, random)")
+    if {"structured", "structured-noisy"} & set(inputs_wanted):
         steps = args.capture_steps
         step = args.capture_step if args.capture_step is not None else steps // 2
         t0 = time.perf_counter()
@@ -344,9 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     # priority: 32k first (the target), then ascending
     groups = sorted(((s, d) for s in seq_lens for d in head_dims), key=lambda sd: (sd[0] != 32768, sd[0], -sd[1]))
     est_group_s: float | None = None
+    # first-group guess before anything is measured: 60 s (CUDA) was sized for the old 2 inputs x 10 flex
+    # rows; scale it by this run's rows per group (compensated rows and the noisy input add rows) and
+    # one extra compile per shape for the LSE-returning flex call
+    rows_per_group = len(inputs_wanted) * (len(settings) + 1)
+    extra_compile = 10.0 if any(st["compensate"] for st in settings) else 0.0
+    default_est = (60.0 if device.type == "cuda" else 5.0) * max(1.0, rows_per_group / 22) + (
+        extra_compile if device.type == "cuda" else 0.0)
     for n, hd in groups:
         elapsed = time.perf_counter() - _T0
-        est = (est_group_s or (60.0 if device.type == "cuda" else 5.0)) * (n / 32768 if n > 32768 else 1.0)
+        est = (est_group_s or default_est) * (n / 32768 if n > 32768 else 1.0)
         if elapsed + est > args.budget_s:
             skipped.append(f"seq_len {n} d{hd} (estimated {est:.0f} s, {args.budget_s - elapsed:.0f} s of budget left)")
             log(f"skip {skipped[-1]}")
@@ -354,9 +447,17 @@ def main(argv: list[str] | None = None) -> int:
         g0 = time.perf_counter()
         for inp in inputs_wanted:
             try:
+                noise_info = None
                 if inp == "structured":
                     assert cap is not None
                     (q, k, v), kind, grid = structured_inputs(cap, n, args.heads, hd)
+                elif inp == "structured-noisy":
+                    assert cap is not None
+                    if n == cap["q"].shape[1]:
+                        log(f"{n} d{hd}: structured-noisy skipped (the captured tensors are used as they are)")
+                        continue
+                    (q, k, v), kind, grid, noise_info = noisy_structured_inputs(
+                        cap, n, args.heads, hd, args.block_size, args.seed)
                 else:
                     gen = torch.Generator().manual_seed(args.seed + n + hd)
                     q, k, v = (torch.randn(1, args.heads, n, hd, generator=gen) for _ in range(3))
@@ -402,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                     ref = best_out.float()
                 base = {"seq_len": n, "head_dim": hd, "heads": args.heads, "batch": 1, "input": kind, "grid": grid,
                         "dtype": str(dtype).replace("torch.", ""), "reference": reference, "device": device_name,
-                        "torch_version": torch.__version__, "command": command}
+                        "torch_version": torch.__version__, "command": command,
+                        "notes": {"structured-upsampled": NOTE_SMOOTH, "structured-noisy": NOTE_NOISY}.get(kind)}
+                if noise_info is not None:
+                    base["noise"] = noise_info
                 rows.append({**base, "method": "dense", "settings": {"backend": used, "all_ms": dense,
                                                                       "unavailable": dense_err},
                              "ms": dense_ms, "speedup": 1.0, "rel_error": rel_err(best_out, ref), "density": 1.0,
@@ -412,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                 del best_out
                 for st in settings:
                     kw = dict(block_size=st["block_size"], threshold=st["threshold"],
-                              local_window=st["local_window"], global_tokens=st["global_tokens"])
+                              local_window=st["local_window"], global_tokens=st["global_tokens"],
+                              compensate=st["compensate"])
                     try:
                         with torch.no_grad():
                             t0 = time.perf_counter()

@@ -11,10 +11,21 @@ For each SDPA mode (``--sdpa``, default ``default,math``: ``default`` = whatever
 an H100 for bf16, which never materialises the score matrix, so attention chunking saves little
 there; ``math`` = forced math backend, which materialises heads x N x N scores, to show the
 attention-chunking effect), settings ``baseline`` (no slicing) then each ``--chunks`` entry
-``ff:attn`` (SlicingConfig(chunk_tokens=ff, attention_query_chunk=attn)), and each mode
-(``forward``: one transformer forward at t=500; ``generate-2step``: :func:`diffspeed.sampler.sample`
-with 2 Euler steps, no CFG): ``peak_mem_mb`` (absolute CUDA peak, weights included; None on CPU),
-``baseline_peak_mem_mb`` (the unsliced run of the same model / frames / sdpa / mode),
+``ff:attn`` (SlicingConfig(chunk_tokens=ff, attention_query_chunk=attn), Wan operator grouping on) or
+``ff:attn:plain`` (the same with ``wan_grouping=False``: FF slicing + SDPA query chunking only), and
+each mode (``forward``: one transformer forward at t=500; ``generate-2step``:
+:func:`diffspeed.sampler.sample` with 2 Euler steps, no CFG): ``peak_mem_mb`` (absolute CUDA peak,
+weights included; None on CPU), ``baseline_peak_mem_mb`` (the unsliced run of the same model / frames
+/ sdpa / mode), ``resident_mb`` (CUDA memory allocated just before the run: weights + inputs),
+``activation_peak_mb`` = ``peak_mem_mb - resident_mb`` (what the run itself adds at its peak) and
+``baseline_activation_peak_mb`` the same for the unsliced run, ``activation_reduction`` =
+``baseline_activation_peak_mb / activation_peak_mb`` and ``total_reduction`` =
+``baseline_peak_mem_mb / peak_mem_mb`` (x-fold; None on CPU).
+
+Read the two reductions separately: slicing can only shrink activations. The weights stay resident
+(Wan-1.3B in bf16: ~2.7 GB of a ~4.3 GB unsliced peak at 32760 tokens, 63%), so even removing every
+activation could not lower the total peak 2x; ``activation_reduction`` is the figure that measures
+the method, ``total_reduction`` what a user sees on the device.
 ``max_rel_error`` = max over the batch of ||out - base|| / ||base|| vs the unsliced output,
 ``latency_ms`` (median of ``--repeats`` CUDA-event timed runs after one warm-up), ``sdpa_backend``
 (what SDPA picks for the model's self-attention shape under that mode), ``weights_mb``.
@@ -66,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--models", default="wan-1.3b,reference-video")
     p.add_argument("--frames", default="21,13,9,5", help="latent frame candidates for wan-1.3b, largest first")
-    p.add_argument("--chunks", default="8192:8192,4096:4096,1024:1024,4096:0",
-                   help="comma list of chunk_tokens:attention_query_chunk")
+    p.add_argument("--chunks", default="8192:8192,4096:4096,1024:1024,4096:0,1024:1024:plain",
+                   help="comma list of chunk_tokens:attention_query_chunk[:plain] (plain = wan_grouping off)")
     p.add_argument("--sdpa", default="default,math", help="default and/or math")
     p.add_argument("--modes", default="forward,generate-2step")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 2 CUDA, 1 CPU)")
@@ -76,6 +87,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=420.0)
     p.add_argument("--hard-limit-s", type=float, default=500.0)
     return p.parse_args(argv)
+
+
+def parse_chunk(spec: str) -> tuple[int, int, bool]:
+    """``ff:attn`` or ``ff:attn:plain`` -> (chunk_tokens, attention_query_chunk, wan_grouping)."""
+    parts = spec.strip().split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "plain"):
+        raise SystemExit(f"--chunks entry {spec!r}: expected ff:attn or ff:attn:plain")
+    return int(parts[0]), int(parts[1]), len(parts) == 2
+
+
+def ratio(base: float | None, value: float | None) -> float | None:
+    return round(base / value, 3) if base is not None and value else None
 
 
 def sdpa_pick(heads: int, n: int, d: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -97,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     frames_cand = [int(f) for f in args.frames.split(",") if f.strip()]
-    chunks = [tuple(int(x) for x in c.split(":")) for c in args.chunks.split(",") if c.strip()]
+    chunks = [parse_chunk(c) for c in args.chunks.split(",") if c.strip()]
     sdpa_modes = [s.strip() for s in args.sdpa.split(",") if s.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     repeats = args.repeats or (2 if device.type == "cuda" else 1)
@@ -114,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(snap, out_path)
         for r in snap:
             log(f"{r['model']:<16} {str(r['latent_shape']):<20} {r['sdpa']:<8} {r['mode']:<15} {r['settings']:<34} "
-                f"peak {r['peak_mem_mb']} (base {r['baseline_peak_mem_mb']}) err {r['max_rel_error']} "
+                f"peak {r['peak_mem_mb']} (base {r['baseline_peak_mem_mb']}) activations {r['activation_peak_mb']} "
+                f"(base {r['baseline_activation_peak_mb']}, {r['activation_reduction']}x) err {r['max_rel_error']} "
                 f"{r['latency_ms']} ms {r['status']}")
         savings = {}
         for r in snap:
@@ -124,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in savings or s > savings[key]["saving"]:
                     savings[key] = {"saving": round(s, 4), "settings": r["settings"], "peak_mem_mb": r["peak_mem_mb"],
                                     "baseline_peak_mem_mb": r["baseline_peak_mem_mb"],
+                                    "activation_peak_mb": r["activation_peak_mb"],
+                                    "baseline_activation_peak_mb": r["baseline_activation_peak_mb"],
+                                    "activation_reduction": r["activation_reduction"],
                                     "latent_shape": r["latent_shape"], "max_rel_error": r["max_rel_error"]}
         print(json.dumps({"memory": str(out_path), "rows": len(snap), "device": device_name,
                           "best_saving": savings, "skipped": skipped, "failed": failed, "truncated": truncated,
@@ -140,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def measure(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float | None, float]:
-        """(output, absolute peak MiB of the first call, median ms of the timed calls)."""
+    def measure(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float | None, float | None, float]:
+        """(output, absolute peak MiB of the first call, MiB resident before it (weights + inputs),
+        median ms of the timed calls)."""
         clean()
+        resident = None
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device) / 2**20
         out = fn()
         sync()
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -163,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-        return out, peak, float(statistics.median(times))
+        return out, peak, resident, float(statistics.median(times))
 
     def is_oom(exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -210,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                             with torch.no_grad(), ctx():
                                 return sample(model, cond, seeds=[0], latent_shape=shape, num_steps=2,
                                               guidance_scale=1.0, adapter=loaded.adapter, check_finite=False)
-                    base_out, base_peak = None, None
-                    for ff, ac in [(None, None), *chunks]:
-                        label = "baseline" if ff is None else f"slicing ff={ff} attn={ac}"
+                    base_out, base_peak, base_act = None, None, None
+                    for ff, ac, grouping in [(None, None, None), *chunks]:
+                        label = ("baseline" if ff is None else
+                                 f"slicing ff={ff} attn={ac}" + ("" if grouping else " plain"))
                         elapsed = time.perf_counter() - _T0
                         mult = 2.0 if mode != "forward" else 1.0
                         if elapsed + est_per_setting_s * mult * (1 + repeats) > args.budget_s:
@@ -222,23 +253,33 @@ def main(argv: list[str] | None = None) -> int:
                         s0 = time.perf_counter()
                         row = {"model": model_name, "latent_shape": list(shape), "tokens": tokens, "sdpa": sdpa,
                                "sdpa_backend": used, "mode": mode, "settings": label,
-                               "chunk_tokens": ff, "attention_query_chunk": ac, "dtype": str(dtype).replace("torch.", ""),
+                               "chunk_tokens": ff, "attention_query_chunk": ac, "wan_grouping": grouping,
+                               "dtype": str(dtype).replace("torch.", ""),
                                "weights_mb": round(weights_mb, 1), "device": device_name, "command": command,
-                               "peak_mem_mb": None, "baseline_peak_mem_mb": base_peak, "max_rel_error": None,
+                               "peak_mem_mb": None, "baseline_peak_mem_mb": base_peak, "resident_mb": None,
+                               "activation_peak_mb": None, "baseline_activation_peak_mb": base_act,
+                               "activation_reduction": None, "total_reduction": None, "max_rel_error": None,
                                "latency_ms": None, "baseline_oom": baseline_oom, "status": "ok"}
                         try:
                             if ff is not None:
-                                handle = apply(model, SlicingConfig(chunk_tokens=ff, attention_query_chunk=ac),
-                                               loaded.adapter)
-                            out, peak, ms = measure(run)
-                            row.update(peak_mem_mb=None if peak is None else round(peak, 1), latency_ms=round(ms, 3))
+                                handle = apply(model, SlicingConfig(chunk_tokens=ff, attention_query_chunk=ac,
+                                                                    wan_grouping=grouping), loaded.adapter)
+                            out, peak, resident, ms = measure(run)
+                            act = None if peak is None or resident is None else round(peak - resident, 1)
+                            row.update(peak_mem_mb=None if peak is None else round(peak, 1), latency_ms=round(ms, 3),
+                                       resident_mb=None if resident is None else round(resident, 1),
+                                       activation_peak_mb=act)
                             if ff is None:
-                                base_out, base_peak = out, row["peak_mem_mb"]
+                                base_out, base_peak, base_act = out, row["peak_mem_mb"], act
                                 row["baseline_peak_mem_mb"] = base_peak
+                                row["baseline_activation_peak_mb"] = base_act
                                 row["max_rel_error"] = 0.0
                             elif base_out is not None:
                                 row["max_rel_error"] = max_rel(out, base_out)
+                            row["activation_reduction"] = ratio(row["baseline_activation_peak_mb"], act)
+                            row["total_reduction"] = ratio(row["baseline_peak_mem_mb"], row["peak_mem_mb"])
                             if handle is not None:
+                                row["notes"] = list(getattr(handle, "notes", []))
                                 row["stats"] = {k: v for k, v in handle.stats.items() if isinstance(v, (int, float))}
                             del out
                         except Exception as exc:  # noqa: BLE001
@@ -259,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 (time.perf_counter() - s0) / mult / (1 + repeats))
                         rows.append(row)
                         log(f"{model_name} {shape} {sdpa}({used}) {mode} {label}: peak {row['peak_mem_mb']} MiB, "
+                            f"activations {row['activation_peak_mb']} MiB ({row['activation_reduction']}x), "
                             f"err {row['max_rel_error']}, {row['latency_ms']} ms, {row['status']}")
                         write_json(rows, out_path)
                     del base_out

@@ -71,13 +71,16 @@ FIDELITY_CONFIGS = (
     # the coarsest group torch's int4 kernel takes at width 1152: where plain PTQ loses most (compensation target)
     ("ptq int4_weight_only g128", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),
 )
-SPEED_CONFIGS = (
+SPEED_CONFIGS = (  # in priority order (a budget cut drops the last ones)
     ("bf16", False, "none", {}),
-    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}),
-    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic", "skip_sensitive": False}),
     ("ptq fp8_w8a8 dynamic", False, "ptq", {"format": "fp8_w8a8", "act": "dynamic"}),
+    ("torchao fp8_dynamic_row", True, "torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}),
     ("ptq int8_w8a8 dynamic", False, "ptq", {"format": "int8_w8a8", "act": "dynamic"}),
-    ("ptq int4_weight_only", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),
+    ("ptq int4_weight_only dequant", False, "ptq", {"format": "int4_weight_only", "group_size": 128,
+                                                    "int4_kernel": "dequant"}),
+    ("torchao int8_dynamic", True, "torchao", {"backend": "int8_dynamic", "skip_sensitive": False}),
+    ("ptq int4_weight_only tinygemm", False, "ptq", {"format": "int4_weight_only", "group_size": 128,
+                                                     "int4_kernel": "tinygemm"}),
 )
 
 
@@ -102,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speed-models", default="dit-xl-2,flux-width")
     p.add_argument("--no-compile", action="store_true", help="speed stage eager only")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="speed stage: torch.compile the whole transformer (one graph per config, ~10-30 s) or "
+                        "each block (regional)")
     p.add_argument("--out", default="benchmarks/results/quantization.json")
     p.add_argument("--plot", default=None)
     p.add_argument("--budget-s", type=float, default=420.0)
@@ -148,12 +154,16 @@ def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], st
             if isinstance(getattr(report, "kernels", None), dict) else None}
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """Regional compile: each transformer block compiled; identical blocks share one graph."""
+def compile_model(model: torch.nn.Module, scope: str = "model") -> None:
+    """``model``: the whole transformer call as one graph (what dense_baseline measures); ``blocks``:
+    regional compile, each transformer block's call compiled."""
     from diffspeed.adapters import get_adapter
 
+    if scope == "model":
+        model.compile(dynamic=False)
+        return
     for _, block, _ in get_adapter(model).blocks(model):
-        block.compile()
+        block.compile(dynamic=False)
 
 
 # ---- fidelity stage --------------------------------------------------------------------------------
@@ -336,9 +346,10 @@ def flux_width(device, dtype, blocks: tuple[int, int], seed: int = 0):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
-                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                   pooled_projection_dim=768, guidance_embeds=False)
+    with torch.device(device):  # initialise on the device: ~1.2 B parameters
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                       pooled_projection_dim=768, guidance_embeds=False)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -360,10 +371,14 @@ def speed_inputs(name: str, model, batch: int, device, dtype) -> dict[str, Any]:
 def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
     from diffspeed.bench.timing import time_callable, track_peak_memory
 
-    # order = priority under the time budget: the first DiT batch, then FLUX width, then the other DiT batches
+    # order = priority under the time budget: the models in --speed-models order, each DiT batch in turn
     models = [m for m in args.speed_models.split(",") if m]
-    dit = [("dit-xl-2", int(b)) for b in args.dit_batches.split(",") if b] if "dit-xl-2" in models else []
-    cases: list[tuple[str, int]] = dit[:1] + ([("flux-width", args.flux_batch)] if "flux-width" in models else []) + dit[1:]
+    cases: list[tuple[str, int]] = []
+    for m in models:
+        if m == "dit-xl-2":
+            cases += [("dit-xl-2", int(b)) for b in args.dit_batches.split(",") if b]
+        elif m == "flux-width":
+            cases.append(("flux-width", args.flux_batch))
     blocks = tuple(int(x) for x in args.flux_blocks.split(","))
     compile_modes = [False] if args.no_compile or device.type != "cuda" else [True]
     pristine: dict[str, Any] = {}
@@ -382,19 +397,23 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                        "psnr_db": None, "judge_accuracy": None}
                 t0 = time.perf_counter()
                 try:
-                    if name not in pristine:  # build once on the CPU side, deep-copy per config
+                    if name not in pristine:  # build once on the device, deep-copy per config
+                        for key in [k for k in pristine if not isinstance(k, tuple) and k != name]:
+                            del pristine[key]  # the previous case's model
                         if name == "dit-xl-2":
                             from diffspeed.models.zoo import build_model
 
-                            pristine[name] = build_model(name, device="cpu", dtype=dtype).transformer
+                            pristine[name] = build_model(name, device=device, dtype=dtype).transformer
                         else:
-                            pristine[name] = flux_width("cpu", dtype, blocks)
-                    model = copy.deepcopy(pristine[name]).to(device).eval()
-                    apply_config(model, kind, settings, None)
+                            pristine[name] = flux_width(device, dtype, blocks)
+                        log(f"built {name} in {time.perf_counter() - t0:.1f}s")
+                    log(f"{name} b{batch} {cname}: start")
+                    model = copy.deepcopy(pristine[name]).eval()
+                    row.update(apply_config(model, kind, settings, None))
                     inputs = speed_inputs(name, model, batch, device, dtype)
                     ref_out = None
                     if compiled:
-                        compile_blocks(model)
+                        compile_model(model, args.compile_scope)
 
                     def call():
                         with torch.no_grad():

@@ -88,6 +88,30 @@ def test_int4_refusals_and_size():
     assert 0 < _rel(q(x).float(), big(x).float()) < 0.12
 
 
+def test_int4_dequant_kernel_same_math_as_tinygemm_and_really_4bit():
+    """The "dequant" int4 layout (two values per byte, float GEMM) computes the same weights as the
+    tinygemm layout, stores them in 4 bits, and is what "auto" picks on CUDA only."""
+    from diffspeed.quant.formats import INT4_DEQUANT_KERNEL, resolve_int4_kernel
+
+    lin = _layer()
+    x = torch.randn(7, 256)
+    tiny = quantize_linear(lin, "int4_weight_only", group_size=64, int4_kernel="tinygemm")
+    deq = quantize_linear(lin, "int4_weight_only", group_size=64, int4_kernel="dequant")
+    assert deq.kernel == INT4_DEQUANT_KERNEL and deq.int4_layout == "dequant"
+    assert deq.qweight.dtype == torch.uint8 and deq.qweight.shape == (192, 128)
+    w = deq.dequantized_weight()
+    assert torch.allclose(w, tiny.dequantized_weight(), atol=1e-6)
+    assert max(len(torch.unique(g)) for row in w.reshape(192, 4, 64) for g in row) <= 16
+    with torch.no_grad():
+        assert torch.allclose(deq(x), tiny(x), atol=1e-4)
+        assert 0 < _rel(deq(x), lin(x)) < MAX_REL["int4_weight_only"]
+    big = nn.Linear(1152, 1152).to(torch.bfloat16)
+    assert weight_nbytes(big) / weight_nbytes(quantize_linear(big, "int4_weight_only", int4_kernel="dequant")) >= 3.5
+    assert resolve_int4_kernel("auto", "cpu") == "tinygemm" and resolve_int4_kernel("auto", "cuda") == "dequant"
+    with pytest.raises(DiffspeedError, match="int4_kernel"):
+        quantize_linear(lin, "int4_weight_only", int4_kernel="fast")
+
+
 def test_static_scales_follow_timestep_group():
     lin = _layer()
     x = torch.randn(8, 256)
@@ -205,7 +229,7 @@ def test_cuda_formats(fmt, rows):
     x = torch.randn(rows, 1152, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = lin(x).float()
-        q = quantize_linear(lin, fmt)
+        q = quantize_linear(lin, fmt, **({"int4_kernel": "tinygemm"} if fmt == "int4_weight_only" else {}))
         out = q(x)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 1152)
     assert CUDA_KERNELS[fmt] in (None, q.kernel)
@@ -220,6 +244,21 @@ def test_cuda_formats(fmt, rows):
         assert 0 < _rel(out_s.float(), ref) < 2 * MAX_REL[fmt]
     if fmt == "int4_weight_only":
         assert weight_nbytes(lin) / weight_nbytes(q) >= 3.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_int4_auto_is_dequant_and_compiles():
+    torch.manual_seed(0)
+    lin = nn.Linear(1152, 4608).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 256, 1152, device="cuda", dtype=torch.bfloat16)
+    q = quantize_linear(lin, "int4_weight_only")
+    tiny = quantize_linear(lin, "int4_weight_only", int4_kernel="tinygemm")
+    assert q.int4_layout == "dequant"
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q, fullgraph=True)(x)
+        assert _rel(eager.float(), tiny(x).float()) < 1e-2
+    assert _rel(compiled.float(), eager.float()) < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -77,7 +77,9 @@ def test_routing_restores_module_globals():
     import diffusers.models.transformers.transformer_wan as wan_mod
 
     loaded = load_model("tiny-wan")
-    with diffspeed.apply(loaded.transformer, SlicingConfig(chunk_tokens=4, attention_query_chunk=4)) as h:
+    # wan_grouping replaces the Wan processor instead of routing its globals: test the routing path
+    cfg = SlicingConfig(chunk_tokens=4, attention_query_chunk=4, wan_grouping=False)
+    with diffspeed.apply(loaded.transformer, cfg) as h:
         seen = []
         blk = loaded.transformer.blocks[0]
         # to_q runs inside the attention forward, while the routing is active
@@ -223,3 +225,159 @@ def test_vae_helper_on_tiny_autoencoder():
     assert vae.use_slicing and vae.use_tiling
     undo()
     assert not vae.use_slicing and not vae.use_tiling
+
+
+# ---- Wan operator grouping ----------------------------------------------------------------------
+
+
+def _wan_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 16, 16, generator=g).to(dtype)  # 5 * 8 * 8 = 320 tokens, batch 2
+    enc = torch.randn(2, 8, 24, generator=g).to(dtype)
+    return x, torch.tensor([500.0, 250.0]), enc
+
+
+def _wan_forward(model, inputs):
+    x, t, enc = inputs
+    with torch.no_grad():
+        return model(x, t, enc, return_dict=False)[0]
+
+
+def test_wan_grouped_attention_exact_used_and_removed():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from diffspeed.methods.slicing import _WanGroupedAttnProcessor
+
+    model = load_model("tiny-wan").transformer
+    inputs = _wan_inputs()
+    base = _wan_forward(model, inputs)
+    originals = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    calls = {"to_q": 0, "to_k": 0, "norm1": 0}
+    blk = model.blocks[0]
+    hooks = [getattr(blk.attn1, n).register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
+             for n in ("to_q", "to_k")]
+    hooks.append(blk.norm1.register_forward_hook(lambda *a: calls.__setitem__("norm1", calls["norm1"] + 1)))
+    cfg = SlicingConfig(chunk_tokens=48, attention_query_chunk=40)
+    with diffspeed.apply(model, cfg) as h:
+        assert all(type(m.processor) is _WanGroupedAttnProcessor for m in originals and
+                   [model.get_submodule(n) for n in originals])
+        out = _wan_forward(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    n_attn = 2 * len(model.blocks)
+    assert h.stats["grouped_attn_modules"] == n_attn and h.stats["grouped_blocks"] == len(model.blocks)
+    assert h.stats["attn_calls_grouped"] == n_attn and h.stats["block_calls_grouped"] == len(model.blocks), h.stats
+    # 320 tokens: q and k projections ran per 40-token chunk, the block's norm1 per 48-token chunk
+    assert calls == {"to_q": 8, "to_k": 8, "norm1": 7}, calls
+    assert torch.equal(out, base), (out - base).abs().max()
+    # remove() puts the very same processor objects back and the outputs are bit-identical
+    assert {n: model.get_submodule(n).processor for n in originals} == originals
+    assert all(type(p) is WanAttnProcessor for p in originals.values())
+    assert torch.equal(_wan_forward(model, inputs), base)
+
+
+def test_wan_grouping_bf16_and_fused_projections_exact():
+    model = load_model("tiny-wan", dtype=torch.bfloat16).transformer
+    for blk in model.blocks:
+        blk.attn1.fuse_projections()
+        blk.attn2.fuse_projections()
+    inputs = _wan_inputs(torch.bfloat16)
+    base = _wan_forward(model, inputs)
+    with diffspeed.apply(model, SlicingConfig(chunk_tokens=30, attention_query_chunk=64)) as h:
+        out = _wan_forward(model, inputs)
+    assert h.stats["attn_calls_grouped"] == 2 * len(model.blocks)
+    assert torch.equal(out, base), (out.float() - base.float()).abs().max()
+
+
+def test_wan_unknown_processor_refused():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class MyProcessor(WanAttnProcessor):
+        pass
+
+    model = load_model("tiny-wan").transformer
+    inputs = _wan_inputs()
+    custom = MyProcessor()
+    model.blocks[1].attn1.set_processor(custom)
+    before = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    with pytest.raises(DiffspeedError, match=r"blocks\.1\.attn1 \(.*MyProcessor\).*wan_grouping=False"):
+        diffspeed.apply(model, SlicingConfig(chunk_tokens=48, attention_query_chunk=40))
+    # nothing was installed, and the method is not recorded as applied
+    assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")} == before
+    assert all("forward" not in blk.__dict__ for blk in model.blocks)
+    base = _wan_forward(model, inputs)
+    with diffspeed.apply(model, SlicingConfig(chunk_tokens=48, attention_query_chunk=40, wan_grouping=False)) as h:
+        out = _wan_forward(model, inputs)
+    assert h.stats["attn_calls_grouped"] == 0 and h.stats["attn_calls_sliced"] > 0
+    torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-6)
+    assert model.blocks[1].attn1.processor is custom
+
+
+def test_wan_grouped_processor_passes_through_after_remove_and_backend_setter():
+    model = load_model("tiny-wan").transformer
+    attn = model.blocks[0].attn1
+    original = attn.processor
+    h = diffspeed.apply(model, SlicingConfig(chunk_tokens=48, attention_query_chunk=40))
+    grouped = attn.processor
+    grouped._attention_backend = "native"  # what set_attention_backend does: lands on the original
+    assert original._attention_backend == "native" and grouped._attention_backend == "native"
+    original._attention_backend = None
+    h.remove()
+    assert attn.processor is original
+    # re-installed by someone else after remove(): a plain pass-through, counts nothing
+    attn.processor = grouped
+    hs = torch.randn(1, 320, 32)
+    with torch.no_grad():
+        assert torch.equal(attn(hs), original(attn, hs))
+    assert h.stats["attn_calls_grouped"] == 0
+    attn.processor = original
+
+
+class _WideTemporaries(TorchDispatchMode):
+    """Largest freshly allocated float32/float64 tensor (numel) produced inside the Wan blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.on:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            seen = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if (isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64)
+                        and t.untyped_storage().data_ptr() not in seen):  # views and in-place ops skipped
+                    self.peak = max(self.peak, t.numel())
+        return out
+
+
+def _wide_peak(model, inputs):
+    mode = _WideTemporaries()
+    hooks = []
+    for blk in model.blocks:
+        hooks.append(blk.register_forward_pre_hook(lambda *a: setattr(mode, "on", True)))
+        hooks.append(blk.register_forward_hook(lambda *a: setattr(mode, "on", False)))
+    try:
+        with mode:
+            out = _wan_forward(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, mode.peak
+
+
+def test_wan_grouping_shrinks_full_length_fp32_fp64_temporaries():
+    # bf16 model: the full-sequence float32 modulation / residuals and the float64 rotary temporaries
+    # are what grouping removes; with it the widest such tensor has one chunk's rows
+    model = load_model("tiny-wan", dtype=torch.bfloat16).transformer
+    inputs = _wan_inputs(torch.bfloat16)
+    base, peak_base = _wide_peak(model, inputs)
+    with diffspeed.apply(model, SlicingConfig(chunk_tokens=32, attention_query_chunk=32)):
+        out, peak_grouped = _wide_peak(model, inputs)
+    assert torch.equal(out, base)
+    assert peak_base >= 2 * 320 * 32 and peak_grouped <= 2 * 32 * 32, (peak_base, peak_grouped)
+    with diffspeed.apply(model, SlicingConfig(chunk_tokens=32, attention_query_chunk=32, wan_grouping=False)):
+        _, peak_plain = _wide_peak(model, inputs)
+    assert peak_plain == peak_base  # plain FF / SDPA chunking leaves these full-length

@@ -243,3 +243,203 @@ def test_f_routed_family_dense_fallback_is_exact():
         out = generate(loaded, [0], [0], num_steps=2)
     assert h.stats["attention_calls_dense"] > 0 and h.stats["attention_calls_sparse"] == 0
     assert torch.equal(out, base)
+
+
+# ---- remainder compensation ----------------------------------------------------------------------
+
+from diffspeed.kernels.sparse_attn import compensated_block_attention_dense, merge_lse  # noqa: E402
+
+
+def _block_constant_qkv(n=128, b=1, h=2, d=16, block=16, amp=1.2, q_noise=0.3, k_noise=0.0, seed=0):
+    """Keys equal within each block (plus ``k_noise``), queries near their own block's key, random
+    values: attention is peaked on a few blocks and, with k_noise=0, the pooled estimate is exact."""
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-n // block)
+    centres = torch.randn(b, h, nb, d, generator=g) * amp
+    tok = torch.arange(n) // block
+    k = centres[:, :, tok] + k_noise * torch.randn(b, h, n, d, generator=g)
+    q = centres[:, :, tok] + q_noise * torch.randn(b, h, n, d, generator=g)
+    v = torch.randn(b, h, n, d, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("n,block", [(64, 16), (50, 16), (130, 32)])
+def test_compensated_threshold_zero_equals_dense_sdpa(n, block):
+    q, k, v = _rand_qkv(n)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = block_sparse_attention(q, k, v, block_size=block, threshold=0.0, compensate=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if flex_available():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = flex_block_sparse_attention(q, k, v, block_size=block, threshold=0.0, compensate=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compensation_off_is_the_default_and_unchanged():
+    q, k, v = _clustered_qkv()
+    a = block_sparse_attention(q, k, v, block_size=16, threshold=0.2)
+    b = block_sparse_attention(q, k, v, block_size=16, threshold=0.2, compensate=False)
+    assert torch.equal(a, b)
+    c = block_sparse_attention(q, k, v, block_size=16, threshold=0.2, compensate=True)
+    assert not torch.allclose(a, c, atol=1e-4)  # compensation must change something when blocks are skipped
+
+
+def test_compensation_is_exact_for_block_constant_keys():
+    # keys equal within a block: n_j exp(q . mean_k) mean_v is exactly the block's contribution
+    q, k, v = _block_constant_qkv(n=100)  # ragged last block
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for thr in (0.01, 0.05, 0.2, 0.5):
+        plain, dens = block_sparse_attention(q, k, v, block_size=16, threshold=thr, return_density=True)
+        comp, dens_c = block_sparse_attention(q, k, v, block_size=16, threshold=thr, compensate=True,
+                                              return_density=True)
+        assert dens.item() < 0.8 and dens_c.item() == dens.item()  # same blocks computed
+        assert _rel_err(plain, ref) > 5e-3, thr  # something was dropped
+        assert _rel_err(comp, ref) < 1e-5, (thr, _rel_err(comp, ref))
+
+
+def test_compensation_reduces_error_on_noisy_block_structure():
+    ref_errs = []
+    for k_noise in (0.1, 0.3):
+        q, k, v = _block_constant_qkv(k_noise=k_noise)
+        ref = F.scaled_dot_product_attention(q, k, v)
+        for thr in (0.01, 0.05, 0.2):
+            plain = _rel_err(block_sparse_attention(q, k, v, block_size=16, threshold=thr), ref)
+            comp = _rel_err(block_sparse_attention(q, k, v, block_size=16, threshold=thr, compensate=True), ref)
+            assert comp < 0.5 * plain, (k_noise, thr, plain, comp)
+            ref_errs.append(comp)
+    # the clustered inputs of the other tests (spread keys, not constant within blocks): still better
+    q, k, v = _clustered_qkv()
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for thr in (0.05, 0.2, 0.6):
+        plain = _rel_err(block_sparse_attention(q, k, v, block_size=16, threshold=thr), ref)
+        comp = _rel_err(block_sparse_attention(q, k, v, block_size=16, threshold=thr, compensate=True), ref)
+        assert comp < plain, (thr, plain, comp)
+
+
+def test_reference_compensation_matches_dense_helper_on_forced_pattern():
+    # an enormous threshold stops right after the forced blocks: everything else is compensated
+    n, bs = 90, 16
+    q, k, v = _clustered_qkv(n=n, cluster=8)
+    nb = math.ceil(n / bs)
+    out = block_sparse_attention(q, k, v, block_size=bs, threshold=1e30, local_window=1, global_tokens=20,
+                                 compensate=True)
+    kept = _forced(nb, bs, 1, 20, "cpu").expand(q.shape[0], q.shape[1], nb, nb)
+    torch.testing.assert_close(out, compensated_block_attention_dense(q, k, v, kept, block_size=bs),
+                               rtol=1e-5, atol=1e-5)
+    # and the dense helper itself: nothing kept except the diagonal, keys constant per block -> exact
+    q, k, v = _block_constant_qkv(n=64)
+    eye = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
+    torch.testing.assert_close(compensated_block_attention_dense(q, k, v, eye, block_size=16),
+                               F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lse_is_exact_split_of_softmax():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 12, generator=g) * 3
+    v = torch.randn(2, 12, 4, generator=g)
+    full = torch.softmax(s, -1) @ v
+    a, b = s[..., :5], s[..., 5:]
+    out = merge_lse(torch.softmax(a, -1) @ v[:, :5], a.logsumexp(-1), torch.softmax(b, -1) @ v[:, 5:],
+                    b.logsumexp(-1))
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    # an empty part (lse = -inf, out NaN) gets weight 0
+    empty = torch.full((2, 5), -math.inf)
+    nan_out = torch.full((2, 5, 4), float("nan"))
+    torch.testing.assert_close(merge_lse(full, s.logsumexp(-1), nan_out, empty), full)
+
+
+@pytest.mark.skipif(not flex_available(), reason="this torch has no flex_attention")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("n", [64, 50])
+def test_flex_compensated_matches_dense_helper_and_reference(n):
+    q, k, v = _clustered_qkv(n=n, cluster=8)
+    kw = dict(block_size=16, local_window=1, global_tokens=3)
+    kept = block_selection(q, k, threshold=0.3, **kw)
+    assert not kept.all()
+    out, density = flex_block_sparse_attention(q, k, v, threshold=0.3, compensate=True, return_density=True, **kw)
+    torch.testing.assert_close(out, compensated_block_attention_dense(q, k, v, kept, block_size=16),
+                               rtol=1e-5, atol=1e-5)
+    assert density.item() == kept.float().mean().item()
+    plain = flex_block_sparse_attention(q, k, v, threshold=0.3, **kw)
+    assert not torch.allclose(out, plain, atol=1e-4)
+    # same kept set on both paths (forced blocks only): reference and flex agree
+    ref_path = block_sparse_attention(q, k, v, threshold=1e30, compensate=True, **kw)
+    flex_path = flex_block_sparse_attention(q, k, v, threshold=1e30, compensate=True, **kw)
+    torch.testing.assert_close(flex_path, ref_path, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not flex_available(), reason="this torch has no flex_attention")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_compensation_exact_for_block_constant_keys_and_chunking(monkeypatch):
+    import diffspeed.kernels.sparse_attn as sa
+
+    q, k, v = _block_constant_qkv(n=100)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for thr in (0.05, 0.2):
+        plain = flex_block_sparse_attention(q, k, v, block_size=16, threshold=thr)
+        comp = flex_block_sparse_attention(q, k, v, block_size=16, threshold=thr, compensate=True)
+        assert _rel_err(plain, ref) > 5e-3
+        assert _rel_err(comp, ref) < 1e-5
+        # nothing kept beyond a ragged chunking of the pooled part changes the result
+        monkeypatch.setattr(sa, "_POOLED_CHUNK_BYTES", 1)
+        torch.testing.assert_close(flex_block_sparse_attention(q, k, v, block_size=16, threshold=thr,
+                                                               compensate=True), comp, rtol=1e-6, atol=1e-6)
+        monkeypatch.undo()
+    # bf16 in, bf16 out
+    out = flex_block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), block_size=16, threshold=0.2,
+                                      compensate=True)
+    assert out.dtype == torch.bfloat16 and _rel_err(out, ref) < 0.02
+
+
+def test_compensate_must_be_bool():
+    q, k, v = _rand_qkv(32)
+    with pytest.raises(TypeError, match="compensate must be a bool"):
+        block_sparse_attention(q, k, v, threshold=0.1, compensate="yes")
+    with pytest.raises(TypeError, match="compensate must be a bool"):
+        block_sparse_attention(q, k, v, threshold=0.1, compensate=1)
+    if flex_available():
+        with pytest.raises(TypeError, match="compensate must be a bool"):
+            flex_block_sparse_attention(q, k, v, threshold=0.1, compensate=None)
+    with pytest.raises(DiffspeedError, match="compensate must be a bool"):
+        SparseAttentionConfig(compensate="true")
+    with pytest.raises(DiffspeedError, match="compensate must be a bool"):
+        SparseAttentionConfig(compensate=1)
+    assert SparseAttentionConfig().compensate is False
+    assert SparseAttentionConfig(compensate=True).to_dict()["compensate"] is True
+
+
+def test_method_threads_compensate(monkeypatch):
+    """The method passes ``compensate`` to the kernel (and the output changes)."""
+    import diffspeed.methods.sparse_attention as sam
+
+    seen = []
+    real = sam.block_sparse_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compensate"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sam, "block_sparse_attention", spy)
+    q, k, v = _clustered_qkv()
+    cfg = SparseAttentionConfig(block_size=16, threshold=0.2, min_tokens=16, backend="reference")
+    plain, _ = sam._sparse(q, k, v, None, cfg)
+    comp, _ = sam._sparse(q, k, v, None, cfg.replace(compensate=True))
+    assert seen == [False, True]
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert _rel_err(comp, ref) < _rel_err(plain, ref)
+
+
+def test_wan_compensated_runs():
+    from diffspeed.models.loading import load_model
+
+    loaded = load_model("tiny-wan")
+    base = generate(loaded, [0], [0], num_steps=2)
+    cfg = SparseAttentionConfig(block_size=8, threshold=0.3, min_tokens=16, backend="reference", compensate=True)
+    with diffspeed.apply(loaded.transformer, cfg) as h:
+        out = generate(loaded, [0], [0], num_steps=2)
+    assert torch.isfinite(out).all() and h.stats["attention_calls_sparse"] > 0
+    assert 0 < h.stats["mean_density"] < 1
+    assert torch.equal(generate(loaded, [0], [0], num_steps=2), base)

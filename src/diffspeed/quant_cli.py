@@ -260,6 +260,7 @@ def quantize(
     search_steps: int = typer.Option(10, help="--smooth-alpha auto: sampling steps of each trial"),
     search_seeds: int = typer.Option(4, help="--smooth-alpha auto: samples per trial"),
     group_size: int = typer.Option(128, help="int4 group size (32, 64, 128, 256)"),
+    int4_kernel: str = typer.Option("auto", help="int4: auto (dequant on CUDA, tinygemm on CPU) | tinygemm (torch's small-M int4 kernel) | dequant (int4 storage, float GEMM)"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="regex of layers to quantize even if sensitive (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="regex of layers to keep in float (repeatable)"),
     keep_sensitive: bool = typer.Option(True, "--keep-sensitive/--quantize-sensitive", help="keep embeddings, adaLN modulation and final layers in float"),
@@ -312,7 +313,7 @@ def quantize(
                            calibration=str(calibration.resolve()) if calibration is not None else None,
                            smooth_alpha=None if auto_alpha else smooth_alpha,
                            include=tuple(include or ()), exclude=tuple(exclude or ()),
-                           skip_sensitive=keep_sensitive, group_size=group_size)
+                           skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel)
         if calibration is not None:
             from .quant.calibration import ActivationStats
 

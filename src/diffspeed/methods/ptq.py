@@ -32,6 +32,7 @@ from ..errors import AlreadyAppliedError, DiffspeedError, WeightFileError
 from ..quant.formats import (
     FORMATS,
     INT4_GROUP_SIZES,
+    INT4_KERNELS,
     W8A8_FORMATS,
     QuantLinear,
     attach_step_group,
@@ -61,6 +62,9 @@ class PTQConfig(MethodConfig):
     smooth_alpha: SmoothQuant migration strength in [0, 1], or None for no smoothing (w8a8 only).
     include / exclude / skip_sensitive: layer selection, as for ``quantize_``.
     group_size: int4 group size (32, 64, 128 or 256).
+    int4_kernel: "auto" (dequant on CUDA, tinygemm on CPU), "tinygemm" (torch's int4pack mm: a
+        small-M kernel, for few tokens) or "dequant" (int4 storage dequantized per call for a float
+        GEMM: memory saved at about float speed; not a low-bit GEMM).
     """
 
     method: ClassVar[str] = "ptq_"
@@ -78,6 +82,7 @@ class PTQConfig(MethodConfig):
     exclude: tuple[str, ...] = ()
     skip_sensitive: bool = True
     group_size: int = 128
+    int4_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -110,6 +115,8 @@ class PTQConfig(MethodConfig):
             raise DiffspeedError(f"ptq_ group_size must be a positive integer, got {self.group_size!r}")
         if self.format == "int4_weight_only" and self.group_size not in INT4_GROUP_SIZES:
             raise DiffspeedError(f"ptq_ int4 group_size must be one of {INT4_GROUP_SIZES}; got {self.group_size}")
+        if self.int4_kernel not in INT4_KERNELS:
+            raise DiffspeedError(f"ptq_ int4_kernel must be one of {', '.join(INT4_KERNELS)}; got {self.int4_kernel!r}")
 
 
 @dataclass
@@ -159,7 +166,7 @@ def _select(model: nn.Module, config: PTQConfig,
     for f in fqns:
         m = model.get_submodule(f)
         reasons = unavailable_reasons(config.format, device, in_features=m.in_features, out_features=m.out_features,
-                                      group_size=config.group_size, act=config.act)
+                                      group_size=config.group_size, act=config.act, int4_kernel=config.int4_kernel)
         if reasons:
             skipped[f] = "; ".join(reasons)
         else:
@@ -178,7 +185,8 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
     if already:
         raise AlreadyAppliedError(f"ptq_: {already[0]!r} is already quantized by quantize_; reload the model")
     device = _device(model)
-    general = unavailable_reasons(config.format, device, group_size=config.group_size, act=config.act)
+    general = unavailable_reasons(config.format, device, group_size=config.group_size, act=config.act,
+                                  int4_kernel=config.int4_kernel)
     if general:
         raise DiffspeedError(f"ptq_ format {config.format!r} is unavailable on {device.type}: " + "; ".join(general))
     if not fqns:
@@ -205,7 +213,7 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
         if config.act == "static":
             act_scales = (stats.group_absmax(f, smooth).clamp_min(1e-6) / qmax)
         ql = quantize_linear(lin, config.format, act=config.act, act_scales=act_scales, smooth=smooth,
-                             group_size=config.group_size)
+                             group_size=config.group_size, int4_kernel=config.int4_kernel)
         new.append(_install(model, f, lin, ql, ctx, report))
     attach_step_group(model, new, ctx)
     report.quantized = list(fqns)
@@ -321,7 +329,7 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
         elif (m.in_features, m.out_features) != (info["in_features"], info["out_features"]):
             problems.append(f"{f}: saved {info['in_features']}->{info['out_features']}, model "
                             f"{m.in_features}->{m.out_features}")
-        elif info.get("int4_layout") and info["int4_layout"] != device.type:
+        elif info.get("int4_layout") not in (None, "", "dequant") and info["int4_layout"] != device.type:
             problems.append(f"{f}: int4 weights packed for {info['int4_layout']}, the model is on {device.type}")
     if problems:
         raise WeightFileError(f"{src} does not match the model: " + "; ".join(problems[:5]))
@@ -340,8 +348,10 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
         lin = model.get_submodule(f)
         act_scales = torch.ones(info["act_groups"]) if info["act"] == "static" else None
         smooth = torch.ones(lin.in_features) if info["smooth"] else None
+        int4_kernel = "dequant" if info.get("int4_layout") == "dequant" else (
+            "tinygemm" if info.get("int4_layout") else "auto")
         ql = quantize_linear(lin, info["format"], act=info["act"] if info["act"] != "none" else "dynamic",
-                             act_scales=act_scales, smooth=smooth, group_size=info["group_size"])
+                             act_scales=act_scales, smooth=smooth, group_size=info["group_size"], int4_kernel=int4_kernel)
         new.append(_install(model, f, lin, ql, ctx, report))
     report.quantized = list(layers)
     with torch.no_grad():

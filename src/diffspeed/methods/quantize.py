@@ -249,11 +249,14 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
     if wanted:
         quantize_(model, _torchao_config(config.backend), filter_fn=lambda m, fqn: fqn in wanted)
     missed = [f for f in fqns if not _is_quantized(modules[f].weight)]
-    if missed:  # never report a silent no-op as quantized
+    if missed and len(missed) == len(fqns):  # never report a silent no-op as quantized
         raise DiffspeedError(
-            f"quantize_ backend {config.backend!r}: torchao left {len(missed)} selected layers unquantized "
+            f"quantize_ backend {config.backend!r}: torchao left all {len(missed)} selected layers unquantized "
             f"(e.g. {missed[0]!r}); this torchao version may not support the backend here"
         )
+    for f in missed:  # torchao skips shapes its kernel cannot take (what TorchAoConfig users get): say so
+        report.skipped[f] = f"torchao's {config.backend} left it in float (shape {tuple(modules[f].weight.shape)})"
+    fqns = [f for f in fqns if f not in set(missed)]
     report.quantized = list(fqns)
     report.weight_bytes_after = model_nbytes(model)
     report.quantized_bytes_after = sum(_nbytes(modules[f].weight) for f in fqns)

@@ -60,6 +60,12 @@ class SparseAttentionConfig(MethodConfig):
     global_tokens: the first tokens of the sequence (e.g. Flux's text tokens) are always attended.
     backend: "auto" (flex on CUDA, else reference), "reference" (PyTorch, any device) or "flex".
     min_tokens: only self-attention with at least this many keys is sparsified.
+    compensate: opt-in remainder compensation (default False). The S2O stop rule already estimates
+        the attention mass of the key blocks it skips; instead of dropping that mass, add its pooled
+        estimate: each skipped key block contributes ``n_j * exp(scale * q . mean_k_j)`` (times
+        ``mean_v_j`` in the numerator) per query token, merged exactly with the computed blocks.
+        Exact when a block's keys are equal, an approximation when they are spread; costs
+        ``N x N / block_size`` extra scores. ``threshold=0`` is unaffected (nothing is skipped).
     """
 
     method: ClassVar[str] = "sparse_attention"
@@ -76,6 +82,7 @@ class SparseAttentionConfig(MethodConfig):
     global_tokens: int = 0
     backend: str = "auto"
     min_tokens: int = 1024
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -100,6 +107,10 @@ class SparseAttentionConfig(MethodConfig):
             )
         if not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise DiffspeedError(f"sparse_attention min_tokens must be an int >= 1, got {self.min_tokens!r}")
+        if not isinstance(self.compensate, bool):
+            raise DiffspeedError(
+                f"sparse_attention compensate must be a bool (True / False), got {self.compensate!r}"
+            )
 
 
 FLEX_CUDA_BLOCK = 128  # the flex kernel's query/key tile on CUDA; block sizes must be multiples of it
@@ -124,7 +135,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         )
     fn = flex_block_sparse_attention if use_flex else block_sparse_attention
     return fn(q, k, v, block_size=cfg.block_size, threshold=cfg.threshold, local_window=cfg.local_window,
-              global_tokens=cfg.global_tokens, scale=scale, return_density=True)
+              global_tokens=cfg.global_tokens, scale=scale, return_density=True, compensate=cfg.compensate)
 
 
 def _eligible(cfg: SparseAttentionConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_dim: int,

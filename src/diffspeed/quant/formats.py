@@ -12,8 +12,11 @@ format                 weight storage                              matmul op
                                                                    int8 weights cast for a bf16 GEMM (not
                                                                    a low-bit GEMM: the CUDA int8pack
                                                                    kernel is a small-M decode kernel)
-``int4_weight_only``   4-bit groupwise, asymmetric (torch's        ``torch._weight_int4pack_mm`` (CUDA, bf16)
-                       tinygemm layout: ``(q - 8) * scale + zero``)  / ``torch._weight_int4pack_mm_for_cpu``
+``int4_weight_only``   4-bit groupwise, asymmetric               ``int4_kernel="tinygemm"``:
+                       (``(q - 8) * scale + zero``): tinygemm's    ``torch._weight_int4pack_mm`` (CUDA, bf16)
+                       packed layout, or two values per byte       / ``_weight_int4pack_mm_for_cpu``;
+                       for ``int4_kernel="dequant"``               ``"dequant"``: dequantized per call for a
+                                                                   float GEMM (not a low-bit GEMM)
 =====================  ==========================================  ===========================================
 
 Activations of the w8a8 formats are quantized at run time, either ``act="dynamic"`` (one absmax
@@ -39,7 +42,8 @@ linear is exactly one low-precision GEMM plus a fused epilogue (scale, bias). Wh
 depends on the GEMM sizes: the measured whole-model figures so far (DiT-XL/2 at batch 64, regional
 compile: FP8 0.88x and int8 0.67x of bf16; torchao side by side not measured yet) are in
 ``benchmarks/results/quantization.json``. The weight-only formats save memory, not time, at large
-batch: torch's int4 kernel is a small-M (decode) kernel.
+batch: torch's int4 kernel is a small-M (decode) kernel, hence ``int4_kernel="auto"`` = dequantize on
+CUDA (int4 storage, float GEMM) and the tinygemm kernel only where asked for.
 
 SmoothQuant (see :mod:`diffspeed.quant.smoothquant`): an optional ``smooth`` buffer divides the
 input per in-feature while the weight's columns were multiplied by the same factors before
@@ -63,8 +67,17 @@ W8A8_FORMATS: tuple[str, ...] = ("int8_w8a8", "fp8_w8a8")
 ACT_MODES: tuple[str, ...] = ("dynamic", "static")
 INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 FP8_MAX = 448.0  # float8 e4m3fn
+# fp8 GEMMs accumulate with Hopper's fast (lower-precision) accumulation, as torchao's inference
+# configs do: without it the fp8 GEMM loses most of its speed advantage over bf16 on the H100
+FP8_FAST_ACCUM = True
 INT8_MAX = 127.0
 INT8_CAST_KERNEL = "F.linear(int8 weight cast to the activation dtype: a float GEMM)"
+INT4_DEQUANT_KERNEL = "F.linear(int4 weight dequantized to the activation dtype: a float GEMM)"
+# int4 kernels: "tinygemm" = torch's int4pack mm (a small-M, decode-style kernel); "dequant" = int4
+# storage dequantized per call for a float GEMM (memory saved, speed ~ the float GEMM); "auto" picks
+# dequant on CUDA (a DiT's token count makes M >= 256 even at batch 1, where tinygemm falls far behind:
+# 15x slower than bf16 on DiT-XL/2 at batch 64 in benchmarks/results/quantization.json) and tinygemm on CPU
+INT4_KERNELS: tuple[str, ...] = ("auto", "tinygemm", "dequant")
 # buffers that are not weight storage (weight_nbytes leaves them out)
 _NON_WEIGHT_BUFFERS = ("bias", "act_scale", "smooth")
 
@@ -110,8 +123,18 @@ def _int4_inner_k_tiles(in_features: int) -> int | None:
     return None
 
 
+def resolve_int4_kernel(int4_kernel: str, device: str | torch.device) -> str:
+    """"auto" -> "dequant" on CUDA, "tinygemm" elsewhere (see INT4_KERNELS)."""
+    if int4_kernel not in INT4_KERNELS:
+        raise DiffspeedError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {int4_kernel!r}")
+    if int4_kernel != "auto":
+        return int4_kernel
+    return "dequant" if torch.device(device).type == "cuda" else "tinygemm"
+
+
 def unavailable_reasons(fmt: str, device: str | torch.device = "cpu", *, in_features: int | None = None,
-                        out_features: int | None = None, group_size: int = 128, act: str = "dynamic") -> list[str]:
+                        out_features: int | None = None, group_size: int = 128, act: str = "dynamic",
+                        int4_kernel: str = "auto") -> list[str]:
     """Every reason ``fmt`` cannot run on ``device`` (for a layer of the given shape); empty = it can.
 
     Like xformers' "not supported because:" lists: all reasons at once, not the first one only.
@@ -164,7 +187,12 @@ def unavailable_reasons(fmt: str, device: str | torch.device = "cpu", *, in_feat
             reasons.append(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
         if k is not None and group_size and k % group_size:
             reasons.append(f"in_features {k} is not divisible by the int4 group size {group_size}")
-        if device.type == "cpu":
+        if int4_kernel not in INT4_KERNELS:
+            reasons.append(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {int4_kernel!r}")
+        elif resolve_int4_kernel(int4_kernel, device) == "dequant":
+            if k is not None and k % 2:
+                reasons.append(f"int4 storage packs two values per byte: in_features must be even, got {k}")
+        elif device.type == "cpu":
             if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
                 reasons.append(f"torch {torch.__version__} has no torch._weight_int4pack_mm_for_cpu")
             elif (err := _op_works("int4pack_cpu", dev)) is not None:
@@ -209,7 +237,7 @@ class QuantLinear(nn.Module):
         self.act = act if fmt in W8A8_FORMATS else "none"
         self.group_size = group_size
         self.kernel = kernel
-        self.int4_layout = ""  # "cpu" or "cuda" (packed layouts differ)
+        self.int4_layout = ""  # "cpu" or "cuda" (tinygemm packed layouts differ) or "dequant" (any device)
         # fp8: the bias goes into _scaled_mm's epilogue (probed at construction) instead of a separate
         # elementwise pass over the (M, N) output
         self.fused_bias = False
@@ -277,7 +305,8 @@ class QuantLinear(nn.Module):
             scale_a = F.pad(scale_a, (0, 0, 0, xs.shape[0] - m), value=1.0)
         bias = self.bias.to(torch.bfloat16) if self.fused_bias else None
         out = torch._scaled_mm(xs.to(torch.float8_e4m3fn), self.qweight.t(), scale_a=scale_a.float().contiguous(),
-                               scale_b=self.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16)
+                               scale_b=self.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16,
+                               use_fast_accum=FP8_FAST_ACCUM)
         return out[:m]
 
     def _int8_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
@@ -287,8 +316,22 @@ class QuantLinear(nn.Module):
         # int8 -> float cast feeding a float GEMM (weight memory saved; the GEMM is not low-bit)
         return F.linear(x2, self.qweight.to(x2.dtype)) * self.w_scale.to(x2.dtype)
 
+    def _int4_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantize the "dequant" layout: uint8 ``[N, K/2]`` (high nibble = even column) with
+        ``(q - 8) * scale + zero`` per group. Elementwise only, so under torch.compile it is one fused
+        kernel writing the float weight that the GEMM reads."""
+        packed = self.qweight
+        q = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(self.out_features, -1, self.group_size)
+        sz = self.scales_and_zeros.float()  # [K/g, N, 2]
+        scale = sz[..., 0].t().unsqueeze(-1)
+        zero = sz[..., 1].t().unsqueeze(-1)
+        w = (q.float() - 8.0) * scale + zero
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
+        if self.int4_layout == "dequant":
+            return F.linear(x2, self._int4_weight(x2.dtype))
         if self.int4_layout == "cuda":
             return torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.group_size, sz)
         return torch._weight_int4pack_mm_for_cpu(x2.to(sz.dtype).contiguous(), self.qweight, self.group_size, sz)
@@ -298,6 +341,8 @@ class QuantLinear(nn.Module):
         """The float ``[N, K]`` weight this layer multiplies by (smoothing folded back out). For tests."""
         if self.fmt in ("int8_w8a8", "int8_weight_only", "fp8_w8a8"):
             w = self.qweight.float() * self.w_scale.float()[:, None]
+        elif self.int4_layout == "dequant":
+            w = self._int4_weight(torch.float32)
         else:
             eye = torch.eye(self.in_features, device=self.qweight.device)
             w = self._int4(eye).float().t().contiguous()
@@ -376,7 +421,7 @@ def _int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     return q, scales_and_zeros
 
 
-def _kernel_for(fmt: str, device: torch.device) -> str:
+def _kernel_for(fmt: str, device: torch.device, int4_kernel: str = "auto") -> str:
     dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
     if fmt == "int8_w8a8":
         return "torch._int_mm"
@@ -389,14 +434,16 @@ def _kernel_for(fmt: str, device: torch.device) -> str:
                 and _op_works("_weight_int8pack_mm", dev) is None:
             return "torch._weight_int8pack_mm"
         return INT8_CAST_KERNEL
+    if resolve_int4_kernel(int4_kernel, device) == "dequant":
+        return INT4_DEQUANT_KERNEL
     return "torch._weight_int4pack_mm" if device.type == "cuda" else "torch._weight_int4pack_mm_for_cpu"
 
 
 @torch.no_grad()
 def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_scales: torch.Tensor | None = None,
-                    smooth: torch.Tensor | None = None, group_size: int = 128) -> QuantLinear:
+                    smooth: torch.Tensor | None = None, group_size: int = 128, int4_kernel: str = "auto") -> QuantLinear:
     """A :class:`QuantLinear` computing ``linear`` in ``fmt`` (raises DiffspeedError with every reason
-    the format cannot run here).
+    the format cannot run here). ``int4_kernel``: see :data:`INT4_KERNELS`.
 
     ``act="static"`` (w8a8 only) needs ``act_scales``: a ``(G,)`` table of per-tensor activation scales
     (absmax / qmax of the, smoothed, input) per timestep group. ``smooth``: per-in-feature SmoothQuant
@@ -409,7 +456,8 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
         raise DiffspeedError(f"quantize_linear: the weight is already a {type(weight).__name__} (quantized?)")
     device = weight.device
     n, k = weight.shape
-    reasons = unavailable_reasons(fmt, device, in_features=k, out_features=n, group_size=group_size, act=act)
+    reasons = unavailable_reasons(fmt, device, in_features=k, out_features=n, group_size=group_size, act=act,
+                                  int4_kernel=int4_kernel)
     if reasons:
         raise DiffspeedError(f"format {fmt!r} cannot run on {device.type} for a {k}->{n} linear: " + "; ".join(reasons))
     if act == "static" and fmt in W8A8_FORMATS:
@@ -428,7 +476,7 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
     w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
-    ql = QuantLinear(k, n, fmt, act=act, group_size=group_size, kernel=_kernel_for(fmt, device))
+    ql = QuantLinear(k, n, fmt, act=act, group_size=group_size, kernel=_kernel_for(fmt, device, int4_kernel))
     if fmt in ("int8_w8a8", "int8_weight_only"):
         q, scale = _int8_rows(w)
         ql.register_buffer("qweight", q.contiguous())
@@ -439,7 +487,12 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
         ql.register_buffer("w_scale", scale.float())
     else:
         q, sz = _int4_groups(w, group_size)
-        if device.type == "cuda":
+        if resolve_int4_kernel(int4_kernel, device) == "dequant":
+            ql.register_buffer("qweight", ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous())
+            sz_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+            ql.register_buffer("scales_and_zeros", sz.to(sz_dtype))
+            ql.int4_layout = "dequant"
+        elif device.type == "cuda":
             packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
             ql.register_buffer("qweight", torch._convert_weight_to_int4pack(packed_u8.contiguous(), _int4_inner_k_tiles(k)))
             ql.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
