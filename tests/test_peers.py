@@ -253,6 +253,7 @@ def test_caching_benchmark_cpu_smoke(tmp_path, capsys):
     for r in overhead:
         if r["method"] != "full_overhead" and not r["error"]:
             assert r["overhead_pct"] is not None and r["skipped_fraction"] == 0.0, r
+            assert r["noise_pct"] is not None and r["noise_pct"] >= 0 and isinstance(r["overhead_resolved"], bool), r
     text = capsys.readouterr().out
     summary = json.loads(text.strip().splitlines()[-1])
     assert summary["summary"] == "caching" and summary["configs"][0]["model"] == "tiny-dit"
