@@ -16,6 +16,7 @@ from .base import (
 from .block_cache import BlockCacheConfig
 from .compile import CompileConfig
 from .erta_cache import ErtaCacheConfig
+from .fuse_qkv import FuseQKVConfig
 from .error_compensation import ErrorCompensationConfig
 from .lazy import LazyConfig
 from .motion_cache import MotionCacheConfig
@@ -40,6 +41,7 @@ __all__ = [
     "BlockCacheConfig",
     "CompileConfig",
     "ErtaCacheConfig",
+    "FuseQKVConfig",
     "LazyConfig",
     "MotionCacheConfig",
     "QuantizeConfig",
