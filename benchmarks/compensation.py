@@ -10,7 +10,12 @@ fp32 (the values a 4-bit kernel would multiply by; no low-bit kernel runs, so no
 
 For each, :func:`diffspeed.quant.compensation.calibrate_compensation` is fitted on ``--calib``
 calibration seeds and the final images of ``--eval`` *other* seeds are compared with the full
-model's (PSNR), without and with the ``error_compensation`` method. Writes a JSON list of rows.
+model's (PSNR), without and with the ``error_compensation`` method (rows ``method: "velocity"``).
+
+``--gptq`` settings (rows ``method: "gptq"``) compare ``ptq_`` itself (int4 with the dequant kernel,
+int8 W8A8 dynamic; sensitive layers kept in float as by default) rounded to nearest vs rounded with
+GPTQ's error feedback (:func:`diffspeed.methods.ptq.ptq_gptq_`, second moments from the same
+calibration seeds over every step). Writes a JSON list of rows.
 
     python benchmarks/compensation.py --out benchmarks/results/compensation_cpu.json
 """
@@ -71,9 +76,41 @@ def round_blocks(model: nn.Module, bits: int, group: int) -> nn.Module:
     return model
 
 
+def gptq_row(item: str, loaded, cal: list[int], ev: list[int], labels, guidance: float) -> dict:
+    from diffspeed.methods.ptq import PTQConfig, ptq_gptq_, ptq_model_
+
+    name, steps = item.split(":")
+    steps = int(steps)
+    settings = {"int4-g32": dict(format="int4_weight_only", group_size=32, int4_kernel="dequant"),
+                "int4-g64": dict(format="int4_weight_only", group_size=64, int4_kernel="dequant"),
+                "int8-dyn": dict(format="int8_w8a8")}[name]
+    t0 = time.perf_counter()
+    kw = dict(num_steps=steps, guidance_scale=guidance)
+    ref = generate(loaded, labels(ev), ev, **kw)
+    rtn = copy.copy(loaded)
+    rtn.transformer = copy.deepcopy(loaded.transformer)
+    report = ptq_model_(rtn.transformer, PTQConfig(**settings))
+    plain = generate(rtn, labels(ev), ev, **kw)
+    fed = copy.copy(loaded)
+    fed.transformer = copy.deepcopy(loaded.transformer)
+    ptq_gptq_(fed, PTQConfig(**settings, gptq=True), seeds=cal, labels=labels(cal), **kw)
+    comp = generate(fed, labels(ev), ev, **kw)
+    row = {"model": "reference-image", "device": "cpu", "dtype": "float32", "quantizer": f"ptq {name}",
+           "method": "gptq", "settings": settings, "layers_quantized": len(report.quantized),
+           "note": "ptq_ on real kernels (int4: dequant kernel; int8: torch._int_mm); fidelity only",
+           "steps": steps, "guidance": guidance, "calib_seeds": cal, "eval_seeds": [ev[0], ev[-1]],
+           "psnr_db_plain": psnr(plain, ref), "psnr_db_compensated": psnr(comp, ref),
+           "row_s": round(time.perf_counter() - t0, 1)}
+    row["psnr_gain_db"] = row["psnr_db_compensated"] - row["psnr_db_plain"]
+    print(f"gptq {name} {steps} steps: round-to-nearest {row['psnr_db_plain']:.2f} dB, GPTQ "
+          f"{row['psnr_db_compensated']:.2f} dB ({row['psnr_gain_db']:+.2f}), {row['row_s']} s", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default="int4-g32:25,int4-row:10", help="name:steps,...")
+    p.add_argument("--settings", default="int4-g32:25,int4-row:10", help="velocity compensation: name:steps,... ('' = none)")
+    p.add_argument("--gptq", default="int4-g32:25,int4-g64:25,int8-dyn:25", help="GPTQ rows: name:steps,... ('' = none)")
     p.add_argument("--calib", type=int, default=8)
     p.add_argument("--eval", type=int, default=16)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -86,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = list(range(100, 100 + args.eval))
     labels = lambda seeds: [s % n_cls for s in seeds]  # noqa: E731
     rows = []
-    for item in args.settings.split(","):
+    for item in [i for i in args.gptq.split(",") if i]:
+        rows.append(gptq_row(item, loaded, cal, ev, labels, args.guidance))
+    for item in [i for i in args.settings.split(",") if i]:
         name, steps = item.split(":")
         steps = int(steps)
         group = {"int4-g32": 32, "int4-row": 0}[name]
@@ -103,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         with diffspeed.apply(quant.transformer, ErrorCompensationConfig(table=str(path))) as h:
             comp = generate(quant, labels(ev), ev, **kw)
             corrected = h.stats["steps_corrected"]
-        row = {"model": "reference-image", "device": "cpu", "dtype": "float32", "quantizer": name,
+        row = {"model": "reference-image", "device": "cpu", "dtype": "float32", "quantizer": name, "method": "velocity",
                "note": "weights rounded to 4 bits in fp32 (no low-bit kernel): fidelity only",
                "steps": steps, "guidance": args.guidance, "calib_seeds": cal, "eval_seeds": [ev[0], ev[-1]],
                "psnr_db_plain": psnr(plain, ref), "psnr_db_compensated": psnr(comp, ref),

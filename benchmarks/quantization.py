@@ -70,6 +70,10 @@ FIDELITY_CONFIGS = (
     ("ptq int4_weight_only g64", False, "ptq", {"format": "int4_weight_only", "group_size": 64}),
     # the coarsest group torch's int4 kernel takes at width 1152: where plain PTQ loses most (compensation target)
     ("ptq int4_weight_only g128", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),
+    # GPTQ error-compensating rounding, second moments over the calibration seeds' whole trajectories
+    ("ptq int4_weight_only g32 +gptq", False, "ptq_gptq", {"format": "int4_weight_only", "group_size": 32}),
+    ("ptq int4_weight_only g64 +gptq", False, "ptq_gptq", {"format": "int4_weight_only", "group_size": 64}),
+    ("ptq int8_w8a8 dynamic +gptq", False, "ptq_gptq", {"format": "int8_w8a8", "act": "dynamic"}),
 )
 SPEED_CONFIGS = (  # in priority order (a budget cut drops the last ones)
     ("bf16", False, "none", {}),
@@ -244,7 +248,14 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
         row = {**common, "config": cname, "peer": peer, "settings": settings, "stage": "fidelity"}
         try:
             loaded = fresh()
-            info = apply_config(loaded.transformer, kind, settings, stats_file)
+            if kind == "ptq_gptq":
+                from diffspeed.methods.ptq import PTQConfig, ptq_gptq_
+
+                rep = ptq_gptq_(loaded, PTQConfig(**settings, gptq=True), seeds=calib_seeds, labels=calib_labels,
+                                num_steps=args.steps, guidance_scale=args.guidance)
+                info = {"layers_quantized": len(rep.quantized), "kernels": sorted(set(rep.kernels.values()))}
+            else:
+                info = apply_config(loaded.transformer, kind, settings, stats_file)
             out, peak_mb = run_peak(loaded)
             ms = step_ms(loaded)
             ops = low_precision_ops(lambda: generate(loaded, labels[:2], seeds[:2], num_steps=1), device)

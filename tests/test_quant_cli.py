@@ -187,3 +187,20 @@ def test_search_smooth_alpha_returns_the_argmax(tmp_path):
     assert set(scores) == {"none", "0.5", "0.8"}
     assert scores["none" if best is None else str(best)] == max(scores.values())
     assert all(torch.equal(a, b) for a, b in zip(before, loaded.transformer.parameters()))  # model left unchanged
+
+
+def test_quantize_gptq_writes_a_checkpoint_that_loads(monkeypatch, capsys, tmp_path):
+    qdir = tmp_path / "g4"
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--model", MODEL, "--format", "int4_weight_only",
+                           "--group-size", "32", "--gptq", "--gptq-seeds", "2", "--gptq-steps", "3", "--out", str(qdir))
+    ok(code, err)
+    meta = json.loads((qdir / "ptq_config.json").read_text())
+    assert meta["config"]["gptq"] is True and meta["layers"]
+    from diffspeed.methods.ptq import load_ptq_
+    from method_tester import load_tiny
+
+    fresh = load_tiny(MODEL)
+    assert load_ptq_(fresh.transformer, qdir).quantized
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--model", MODEL, "--format", "fp8_w8a8", "--gptq",
+                           "--out", str(tmp_path / "bad"))
+    assert code == 2 and "fp8" in err and not (tmp_path / "bad").exists()

@@ -16,7 +16,8 @@ KERNELS = {
     "int8_w8a8": ("torch._int_mm",),
     "fp8_w8a8": ("torch._scaled_mm",),
     "int8_weight_only": ("torch._weight_int8pack_mm", "F.linear(int8 weight cast to the activation dtype: a float GEMM)"),
-    "int4_weight_only": ("torch._weight_int4pack_mm_for_cpu",),
+    "int4_weight_only": ("torch._weight_int4pack_mm_for_cpu",
+                         "F.linear(int4 weight dequantized to the activation dtype: a float GEMM)"),
 }
 MAX_REL = {"int8_w8a8": 0.02, "fp8_w8a8": 0.05, "int8_weight_only": 0.01, "int4_weight_only": 0.12}
 
@@ -90,7 +91,7 @@ def test_int4_refusals_and_size():
 
 def test_int4_dequant_kernel_same_math_as_tinygemm_and_really_4bit():
     """The "dequant" int4 layout (two values per byte, float GEMM) computes the same weights as the
-    tinygemm layout, stores them in 4 bits, and is what "auto" picks on CUDA only."""
+    tinygemm layout, stores them in 4 bits, and is what "auto" picks."""
     from diffspeed.quant.formats import INT4_DEQUANT_KERNEL, resolve_int4_kernel
 
     lin = _layer()
@@ -107,7 +108,8 @@ def test_int4_dequant_kernel_same_math_as_tinygemm_and_really_4bit():
         assert 0 < _rel(deq(x), lin(x)) < MAX_REL["int4_weight_only"]
     big = nn.Linear(1152, 1152).to(torch.bfloat16)
     assert weight_nbytes(big) / weight_nbytes(quantize_linear(big, "int4_weight_only", int4_kernel="dequant")) >= 3.5
-    assert resolve_int4_kernel("auto", "cpu") == "tinygemm" and resolve_int4_kernel("auto", "cuda") == "dequant"
+    assert resolve_int4_kernel("auto", "cpu") == "dequant" and resolve_int4_kernel("auto", "cuda") == "dequant"
+    assert resolve_int4_kernel("tinygemm", "cpu") == "tinygemm"
     with pytest.raises(DiffspeedError, match="int4_kernel"):
         quantize_linear(lin, "int4_weight_only", int4_kernel="fast")
 

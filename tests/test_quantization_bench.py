@@ -55,8 +55,11 @@ def test_quantization_bench_cpu_smoke(tmp_path):
 def test_compensation_bench_cpu_smoke(tmp_path):
     mod = _load("compensation")
     out = tmp_path / "c.json"
-    assert mod.main(["--settings", "int4-row:2", "--calib", "2", "--eval", "2", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
+    assert mod.main(["--settings", "int4-row:2", "--gptq", "int4-g32:3", "--calib", "2", "--eval", "2",
+                     "--out", str(out)]) == 0
+    gptq, row = json.loads(out.read_text())
+    assert gptq["method"] == "gptq" and gptq["layers_quantized"] > 0
+    assert gptq["psnr_db_compensated"] != gptq["psnr_db_plain"]  # GPTQ really changed the rounding
     assert row["steps_corrected"] > 0
     assert math.isfinite(row["psnr_db_plain"]) and math.isfinite(row["psnr_db_compensated"])
     assert row["psnr_db_plain"] < 60  # the 4-bit rounding really changed the output

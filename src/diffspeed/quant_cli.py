@@ -260,7 +260,10 @@ def quantize(
     search_steps: int = typer.Option(10, help="--smooth-alpha auto: sampling steps of each trial"),
     search_seeds: int = typer.Option(4, help="--smooth-alpha auto: samples per trial"),
     group_size: int = typer.Option(128, help="int4 group size (32, 64, 128, 256)"),
-    int4_kernel: str = typer.Option("auto", help="int4: auto (dequant on CUDA, tinygemm on CPU) | tinygemm (torch's small-M int4 kernel) | dequant (int4 storage, float GEMM)"),
+    gptq: bool = typer.Option(False, "--gptq/--no-gptq", help="GPTQ error-compensating rounding (int4 / int8 formats): calibrates each layer's input second moment over full generations first"),
+    gptq_seeds: int = typer.Option(8, help="--gptq: calibration samples (seeds 9000.., classes cycled)"),
+    gptq_steps: int = typer.Option(25, help="--gptq: sampling steps of each calibration generation"),
+    int4_kernel: str = typer.Option("auto", help="int4: auto (= dequant) | tinygemm (torch's small-M int4 kernel) | dequant (int4 storage, float GEMM)"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="regex of layers to quantize even if sensitive (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="regex of layers to keep in float (repeatable)"),
     keep_sensitive: bool = typer.Option(True, "--keep-sensitive/--quantize-sensitive", help="keep embeddings, adaLN modulation and final layers in float"),
@@ -278,8 +281,10 @@ def quantize(
     from .methods.ptq import PTQConfig, ptq_model_
     from .quant.formats import FORMATS
 
+    if gptq and (gptq_seeds <= 0 or gptq_steps <= 0):
+        raise DiffspeedError("--gptq-seeds and --gptq-steps must be positive")
     if plan is not None:
-        conflicts = [n for n, on in (("--format", fmt is not None), ("--act static", act != "dynamic"),
+        conflicts = [n for n, on in (("--gptq", gptq), ("--format", fmt is not None), ("--act static", act != "dynamic"),
                                      ("--calibration", calibration is not None), ("--smooth-alpha", smooth_alpha is not None),
                                      ("--include", bool(include)), ("--exclude", bool(exclude))) if on]
         if conflicts:
@@ -313,7 +318,7 @@ def quantize(
                            calibration=str(calibration.resolve()) if calibration is not None else None,
                            smooth_alpha=None if auto_alpha else smooth_alpha,
                            include=tuple(include or ()), exclude=tuple(exclude or ()),
-                           skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel)
+                           skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel, gptq=gptq)
         if calibration is not None:
             from .quant.calibration import ActivationStats
 
@@ -344,7 +349,16 @@ def quantize(
             console.print("SmoothQuant alpha search (PSNR dB vs unquantized): "
                           + ", ".join(f"{k}: {v:.2f}" for k, v in scores.items()) + f" -> {best}")
             config = dataclasses.replace(config, smooth_alpha=best)
-        report = ptq_model_(transformer, config, stats=stats)
+        if config.gptq:
+            from .methods.ptq import ptq_gptq_
+
+            seeds = list(range(9000, 9000 + gptq_seeds))
+            labels = _labels(loaded, gptq_seeds)
+            with console.status(f"GPTQ: collecting input second moments over {gptq_seeds} x {gptq_steps}-step "
+                                "generations, then quantizing"):
+                report = ptq_gptq_(loaded, config, seeds=seeds, labels=labels, num_steps=gptq_steps, stats=stats)
+        else:
+            report = ptq_model_(transformer, config, stats=stats)
         extra = None
     _save_dir_atomic(transformer, out, extra)
     kernels = Counter(report.kernels.values())

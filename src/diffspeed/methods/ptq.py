@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -62,9 +62,14 @@ class PTQConfig(MethodConfig):
     smooth_alpha: SmoothQuant migration strength in [0, 1], or None for no smoothing (w8a8 only).
     include / exclude / skip_sensitive: layer selection, as for ``quantize_``.
     group_size: int4 group size (32, 64, 128 or 256).
-    int4_kernel: "auto" (dequant on CUDA, tinygemm on CPU), "tinygemm" (torch's int4pack mm: a
+    int4_kernel: "auto" (= dequant), "tinygemm" (torch's int4pack mm: a
         small-M kernel, for few tokens) or "dequant" (int4 storage dequantized per call for a float
         GEMM: memory saved at about float speed; not a low-bit GEMM).
+    gptq: round the weights with GPTQ's error feedback instead of to nearest (int4 / int8 formats).
+        It needs each layer's input second moment over the denoising trajectory, which a bare
+        ``apply`` cannot collect: use :func:`diffspeed.methods.ptq.ptq_gptq_` (or ``diffspeed quantize
+        --gptq``), which calibrates and quantizes; the saved checkpoint then loads like any other.
+    gptq_damp: GPTQ's dampening, a fraction of the mean diagonal of the second moment added to it.
     """
 
     method: ClassVar[str] = "ptq_"
@@ -83,6 +88,8 @@ class PTQConfig(MethodConfig):
     skip_sensitive: bool = True
     group_size: int = 128
     int4_kernel: str = "auto"
+    gptq: bool = False
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -115,6 +122,12 @@ class PTQConfig(MethodConfig):
             raise DiffspeedError(f"ptq_ group_size must be a positive integer, got {self.group_size!r}")
         if self.format == "int4_weight_only" and self.group_size not in INT4_GROUP_SIZES:
             raise DiffspeedError(f"ptq_ int4 group_size must be one of {INT4_GROUP_SIZES}; got {self.group_size}")
+        require_bool("ptq_", "gptq", self.gptq)
+        if self.gptq and self.format == "fp8_w8a8":
+            raise DiffspeedError("ptq_ gptq rounds onto the int4 / int8 grids; fp8_w8a8 is not supported, set gptq=false")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not 0.0 < float(self.gptq_damp) <= 1.0:
+            raise DiffspeedError(f"ptq_ gptq_damp must be a number in (0, 1] (0.01 is typical), got {self.gptq_damp!r}")
         if self.int4_kernel not in INT4_KERNELS:
             raise DiffspeedError(f"ptq_ int4_kernel must be one of {', '.join(INT4_KERNELS)}; got {self.int4_kernel!r}")
 
@@ -175,7 +188,7 @@ def _select(model: nn.Module, config: PTQConfig,
 
 
 def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dict[str, str],
-              stats: Any) -> PTQReport:
+              stats: Any, hessians: dict[str, torch.Tensor] | None = None) -> PTQReport:
     from ..context import get_context
     from ..quant.smoothquant import smooth_factors
 
@@ -200,6 +213,13 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
         if missing and (config.act == "static" or config.smooth_alpha is not None):
             raise DiffspeedError(f"the calibration stats have no entry for layer {missing[0]!r} "
                                  f"(and {len(missing) - 1} more); recalibrate with layers=None")
+    if config.gptq:
+        missing = [f for f in fqns if hessians is None or f not in hessians]
+        if missing:
+            raise DiffspeedError(
+                f"ptq_ gptq=true needs each layer's input second moment (missing for {missing[0]!r}): use "
+                "diffspeed.methods.ptq.ptq_gptq_(loaded, config, seeds=..., labels=..., num_steps=...) or "
+                "`diffspeed quantize --gptq`, which calibrate and quantize in one go")
     ctx = get_context(model)
     report = PTQReport(config.format, skipped=dict(skipped))
     report.weight_bytes_before = model_nbytes(model)
@@ -213,7 +233,8 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
         if config.act == "static":
             act_scales = (stats.group_absmax(f, smooth).clamp_min(1e-6) / qmax)
         ql = quantize_linear(lin, config.format, act=config.act, act_scales=act_scales, smooth=smooth,
-                             group_size=config.group_size, int4_kernel=config.int4_kernel)
+                             group_size=config.group_size, int4_kernel=config.int4_kernel,
+                             hessian=hessians[f] if config.gptq else None, gptq_damp=config.gptq_damp)
         new.append(_install(model, f, lin, ql, ctx, report))
     attach_step_group(model, new, ctx)
     report.quantized = list(fqns)
@@ -236,20 +257,42 @@ def _load_stats(config: PTQConfig) -> Any:
 
 
 def ptq_model_(model: nn.Module, config: PTQConfig | None = None, stats: Any = None,
-               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> PTQReport:
+               filter_fn: Callable[[nn.Module, str], bool] | None = None,
+               hessians: dict[str, torch.Tensor] | None = None) -> PTQReport:
     """Quantize ``model``'s linears in place; returns a report (``report.handle`` is the method handle).
 
     ``stats`` (an ActivationStats) is used instead of reading ``config.calibration`` from disk.
     ``filter_fn(module, fqn) -> bool`` replaces the sensitive-layer rule (include/exclude still apply).
+    ``hessians`` (``{fqn: E[x x^T]}``, see :mod:`diffspeed.quant.gptq`): needed by ``config.gptq``.
     """
     config = config or PTQConfig()
     applied = _unapplied(model, config)
     if stats is None:
         stats = _load_stats(config)
     fqns, skipped = _select(model, config, filter_fn)
-    report = _quantize(model, config, fqns, skipped, stats)
+    report = _quantize(model, config, fqns, skipped, stats, hessians)
     applied[config.method] = _finish(model, config, report)
     return report
+
+
+def ptq_gptq_(loaded: Any, config: PTQConfig, *, seeds: Sequence[int], labels: Sequence[Any], num_steps: int,
+              guidance_scale: float | None = None, stats: Any = None,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = False) -> PTQReport:
+    """``ptq_`` with GPTQ rounding: run the float model through ``num_steps``-step generations of
+    ``seeds``/``labels`` to collect each selected layer's input second moment over the whole denoising
+    trajectory, then quantize in place (``config.gptq`` must be true)."""
+    from ..quant.gptq import calibrate_hessians
+
+    if not config.gptq:
+        raise DiffspeedError("ptq_gptq_ needs a PTQConfig with gptq=True")
+    model = loaded.transformer
+    _unapplied(model, config)
+    fqns, _ = _select(model, config, filter_fn)
+    if not fqns:
+        raise DiffspeedError("ptq_gptq_: the layer selection is empty; nothing to calibrate")
+    hessians = calibrate_hessians(loaded, fqns, seeds=seeds, labels=labels, num_steps=num_steps,
+                                  guidance_scale=guidance_scale, progress=progress)
+    return ptq_model_(model, config, stats=stats, filter_fn=filter_fn, hessians=hessians)
 
 
 @register_method(PTQConfig)
@@ -363,4 +406,4 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
     return report
 
 
-__all__ = ["PTQConfig", "PTQReport", "load_ptq_", "ptq_model_", "save_ptq"]
+__all__ = ["PTQConfig", "PTQReport", "load_ptq_", "ptq_gptq_", "ptq_model_", "save_ptq"]

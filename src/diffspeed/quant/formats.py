@@ -42,8 +42,8 @@ linear is exactly one low-precision GEMM plus a fused epilogue (scale, bias). Wh
 depends on the GEMM sizes: the measured whole-model figures so far (DiT-XL/2 at batch 64, regional
 compile: FP8 0.88x and int8 0.67x of bf16; torchao side by side not measured yet) are in
 ``benchmarks/results/quantization.json``. The weight-only formats save memory, not time, at large
-batch: torch's int4 kernel is a small-M (decode) kernel, hence ``int4_kernel="auto"`` = dequantize on
-CUDA (int4 storage, float GEMM) and the tinygemm kernel only where asked for.
+batch: torch's int4 kernel is a small-M (decode) kernel, hence ``int4_kernel="auto"`` = dequantize
+(int4 storage, float GEMM) and the tinygemm kernel only where asked for.
 
 SmoothQuant (see :mod:`diffspeed.quant.smoothquant`): an optional ``smooth`` buffer divides the
 input per in-feature while the weight's columns were multiplied by the same factors before
@@ -75,8 +75,9 @@ INT8_CAST_KERNEL = "F.linear(int8 weight cast to the activation dtype: a float G
 INT4_DEQUANT_KERNEL = "F.linear(int4 weight dequantized to the activation dtype: a float GEMM)"
 # int4 kernels: "tinygemm" = torch's int4pack mm (a small-M, decode-style kernel); "dequant" = int4
 # storage dequantized per call for a float GEMM (memory saved, speed ~ the float GEMM); "auto" picks
-# dequant on CUDA (a DiT's token count makes M >= 256 even at batch 1, where tinygemm falls far behind:
-# 15x slower than bf16 on DiT-XL/2 at batch 64 in benchmarks/results/quantization.json) and tinygemm on CPU
+# dequant: a DiT's token count makes M >= 256 even at batch 1, where torch's int4pack kernels fall far
+# behind (CUDA: 15x slower than bf16 on DiT-XL/2 at batch 64 in benchmarks/results/quantization.json;
+# the CPU one is slower still, by orders of magnitude at a few thousand rows)
 INT4_KERNELS: tuple[str, ...] = ("auto", "tinygemm", "dequant")
 # buffers that are not weight storage (weight_nbytes leaves them out)
 _NON_WEIGHT_BUFFERS = ("bias", "act_scale", "smooth")
@@ -124,12 +125,10 @@ def _int4_inner_k_tiles(in_features: int) -> int | None:
 
 
 def resolve_int4_kernel(int4_kernel: str, device: str | torch.device) -> str:
-    """"auto" -> "dequant" on CUDA, "tinygemm" elsewhere (see INT4_KERNELS)."""
+    """"auto" -> "dequant" (see INT4_KERNELS); ``device`` is kept for a future per-device choice."""
     if int4_kernel not in INT4_KERNELS:
         raise DiffspeedError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {int4_kernel!r}")
-    if int4_kernel != "auto":
-        return int4_kernel
-    return "dequant" if torch.device(device).type == "cuda" else "tinygemm"
+    return "dequant" if int4_kernel == "auto" else int4_kernel
 
 
 def unavailable_reasons(fmt: str, device: str | torch.device = "cpu", *, in_features: int | None = None,
@@ -441,9 +440,14 @@ def _kernel_for(fmt: str, device: torch.device, int4_kernel: str = "auto") -> st
 
 @torch.no_grad()
 def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_scales: torch.Tensor | None = None,
-                    smooth: torch.Tensor | None = None, group_size: int = 128, int4_kernel: str = "auto") -> QuantLinear:
+                    smooth: torch.Tensor | None = None, group_size: int = 128, int4_kernel: str = "auto",
+                    hessian: torch.Tensor | None = None, gptq_damp: float = 0.01) -> QuantLinear:
     """A :class:`QuantLinear` computing ``linear`` in ``fmt`` (raises DiffspeedError with every reason
     the format cannot run here). ``int4_kernel``: see :data:`INT4_KERNELS`.
+
+    ``hessian``: the layer's input second moment ``E[x x^T]`` (``[K, K]``, of the raw input): the
+    weights are then rounded with GPTQ's error feedback (:mod:`diffspeed.quant.gptq`) instead of to
+    nearest; int4 and int8 formats only.
 
     ``act="static"`` (w8a8 only) needs ``act_scales``: a ``(G,)`` table of per-tensor activation scales
     (absmax / qmax of the, smoothed, input) per timestep group. ``smooth``: per-in-feature SmoothQuant
@@ -476,9 +480,24 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
     w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
+    if hessian is not None:
+        from .gptq import GPTQ_FORMATS
+
+        if fmt not in GPTQ_FORMATS:
+            raise DiffspeedError(f"GPTQ rounding supports {', '.join(GPTQ_FORMATS)}, not {fmt}")
+        hessian = torch.as_tensor(hessian).detach().float().to(device)
+        if tuple(hessian.shape) != (k, k) or not torch.isfinite(hessian).all():
+            raise DiffspeedError(f"hessian must be a finite [{k}, {k}] matrix, got {tuple(hessian.shape)}")
+        if smooth is not None:  # the GEMM sees x / s: its second moment is H / (s s^T)
+            hessian = hessian / smooth[:, None] / smooth[None, :]
     ql = QuantLinear(k, n, fmt, act=act, group_size=group_size, kernel=_kernel_for(fmt, device, int4_kernel))
     if fmt in ("int8_w8a8", "int8_weight_only"):
-        q, scale = _int8_rows(w)
+        if hessian is not None:
+            from .gptq import gptq_int8_rows
+
+            q, scale = gptq_int8_rows(w, hessian, gptq_damp)
+        else:
+            q, scale = _int8_rows(w)
         ql.register_buffer("qweight", q.contiguous())
         ql.register_buffer("w_scale", scale if fmt == "int8_w8a8" else scale.to(weight.dtype))
     elif fmt == "fp8_w8a8":
@@ -486,7 +505,12 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
         ql.register_buffer("qweight", (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous())
         ql.register_buffer("w_scale", scale.float())
     else:
-        q, sz = _int4_groups(w, group_size)
+        if hessian is not None:
+            from .gptq import gptq_int4
+
+            q, sz = gptq_int4(w, hessian, group_size, gptq_damp)
+        else:
+            q, sz = _int4_groups(w, group_size)
         if resolve_int4_kernel(int4_kernel, device) == "dequant":
             ql.register_buffer("qweight", ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous())
             sz_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
