@@ -4,11 +4,12 @@
 # importlib_metadata wheels); every stage writes its files under $OUT (at most 8 files per call).
 #
 #   OUT=$OUT bash scripts/gpu_pending.sh quant      # issue 6: FLUX width first, then DiT-XL/2 batch 1 and 64
+#   OUT=$OUT bash scripts/gpu_pending.sh quantfid   # issue 6: GPTQ vs round-to-nearest fidelity rows in bf16
 #   OUT=$OUT bash scripts/gpu_pending.sh tokens     # issue 4: MotionCache at video batch 8
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 quant|tokens|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 quant|quantfid|tokens|attention|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -17,6 +18,9 @@ case "$STAGE" in
     python3 benchmarks/quantization.py --stages speed --speed-models flux-width,dit-xl-2 --dit-batches 1,64 \
       --flux-batch 2 --configs "fp8_w8a8,int8_w8a8,int4,torchao" --budget-s 500 --hard-limit-s 530 \
       --out "$OUT/quant_speed.json" --plot "$OUT/quant_speed.png" ;;
+  quantfid)
+    python3 benchmarks/quantization.py --stages fidelity --samples 64 --calib-seeds 8 --configs "g32,g64,int8_w8a8 dynamic" \
+      --budget-s 500 --hard-limit-s 530 --out "$OUT/quant_gptq.json" ;;
   tokens)
     python3 benchmarks/caching.py --models reference-video --steps 50 --video-batches 8 --ours motion_cache \
       --stages video --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_motion_b8.json" ;;
