@@ -67,6 +67,9 @@ method                               with CP     why
                                                  attend within the local shard only (wrong output)
 ``quantize_``, ``ptq_``,             no          torchao tensor-subclass weights are not validated
 ``error_compensation``                           under diffusers' CP hooks/functional collectives
+``fuse_qkv``                         no          swaps the attention processors (SD3's fused one
+                                                 calls SDPA outside diffusers' CP dispatch); not
+                                                 validated
 ===================================  ==========  =================================================
 
 Methods not in the table are refused. Incompatible methods already applied to the model are
@@ -119,6 +122,8 @@ METHOD_COMPATIBILITY: dict[str, tuple[bool, str]] = {
     "quantize_": (False, "quantized (torchao tensor-subclass) weights are not validated under diffusers' CP hooks"),
     "ptq_": (False, "quantized (torchao tensor-subclass) weights are not validated under diffusers' CP hooks"),
     "error_compensation": (False, "belongs to quantization, which is not validated under context parallelism"),
+    "fuse_qkv": (False, "swaps the attention processors (SD3's fused one calls SDPA directly, outside diffusers' "
+                        "CP dispatch); not validated under context parallelism"),
 }
 
 # attention backends that support context parallelism and return the log-sum-exp that ring needs
