@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speed-models", default="dit-xl-2,flux-width")
     p.add_argument("--no-compile", action="store_true", help="speed stage eager only")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="speed stage: record each config's top device kernels (one profiled call) in its row")
     p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
                    help="speed stage: torch.compile the whole transformer (one graph per config, ~10-30 s) or "
                         "each block (regional)")
@@ -131,6 +133,27 @@ def low_precision_ops(fn: Callable[[], Any], device: torch.device) -> list[str]:
         if device.type == "cuda":
             torch.cuda.synchronize()
     return sorted({e.name for e in prof.events() if LOWP.search(e.name)})[:6]
+
+
+def kernel_profile(fn: Callable[[], Any], device: torch.device, top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` device kernels of one ``fn()`` call by total time (``--profile``): where a config's
+    step time goes, e.g. GEMM vs activation-quantization kernels when comparing with torchao."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
+        if t > 0:
+            acc = totals.setdefault(e.name, [0.0, 0])
+            acc[0] += t / 1000.0
+            acc[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    return [{"kernel": name[:120], "ms": round(v[0], 4), "calls": v[1]} for name, v in ranked]
 
 
 def weight_mb(model: torch.nn.Module) -> float:
@@ -435,6 +458,8 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                         ref_out = call()[0]
                     timing = time_callable(call, warmup=3, repeats=args.repeats, device=device)
                     ops = low_precision_ops(call, device)
+                    if args.profile:
+                        row["kernel_profile"] = kernel_profile(call, device)
                     if base_ms is None and kind == "none":
                         base_ms = timing.median_ms
                         pristine[(name, batch, "out")] = ref_out.float()

@@ -5,11 +5,12 @@
 #
 #   OUT=$OUT bash scripts/gpu_pending.sh quant      # issue 6: FLUX width first, then DiT-XL/2 batch 1 and 64
 #   OUT=$OUT bash scripts/gpu_pending.sh quantfid   # issue 6: GPTQ vs round-to-nearest fidelity rows in bf16
+#   OUT=$OUT bash scripts/gpu_pending.sh fp8profile # issue 6: where ours vs torchao's fp8 step time goes (DiT-XL/2 b64)
 #   OUT=$OUT bash scripts/gpu_pending.sh tokens     # issue 4: MotionCache at video batch 8
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 quant|quantfid|tokens|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 quant|quantfid|fp8profile|tokens|attention|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -18,6 +19,9 @@ case "$STAGE" in
     python3 benchmarks/quantization.py --stages speed --speed-models flux-width,dit-xl-2 --dit-batches 1,64 \
       --flux-batch 2 --configs "fp8_w8a8,int8_w8a8,int4,torchao" --budget-s 500 --hard-limit-s 530 \
       --out "$OUT/quant_speed.json" --plot "$OUT/quant_speed.png" ;;
+  fp8profile)
+    python3 benchmarks/quantization.py --stages speed --speed-models dit-xl-2 --dit-batches 64 --configs fp8 --profile \
+      --budget-s 500 --hard-limit-s 530 --out "$OUT/quant_fp8_profile.json" ;;
   quantfid)
     python3 benchmarks/quantization.py --stages fidelity --samples 64 --calib-seeds 8 --configs "g32,g64,int8_w8a8 dynamic" \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/quant_gptq.json" ;;
