@@ -123,8 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-def low_precision_ops(fn: Callable[[], Any], device: torch.device) -> list[str]:
-    """Names of low-bit GEMM ops/kernels seen in a profiler trace of ``fn()``."""
+def traced_ops(fn: Callable[[], Any], device: torch.device) -> dict[str, list[float]]:
+    """``{op or kernel name: [device ms, calls]}`` of one profiled ``fn()`` call (CPU ops included,
+    with 0 device time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -132,28 +133,28 @@ def low_precision_ops(fn: Callable[[], Any], device: torch.device) -> list[str]:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return sorted({e.name for e in prof.events() if LOWP.search(e.name)})[:6]
-
-
-def kernel_profile(fn: Callable[[], Any], device: torch.device, top: int = 12) -> list[dict[str, Any]]:
-    """The ``top`` device kernels of one ``fn()`` call by total time (``--profile``): where a config's
-    step time goes, e.g. GEMM vs activation-quantization kernels when comparing with torchao."""
-    from torch.profiler import ProfilerActivity, profile
-
-    if device.type != "cuda":
-        return []
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     totals: dict[str, list[float]] = {}
     for e in prof.events():
-        t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
-        if t > 0:
-            acc = totals.setdefault(e.name, [0.0, 0])
-            acc[0] += t / 1000.0
-            acc[1] += 1
-    ranked = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
-    return [{"kernel": name[:120], "ms": round(v[0], 4), "calls": v[1]} for name, v in ranked]
+        acc = totals.setdefault(e.name, [0.0, 0])
+        acc[0] += (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0) / 1000.0
+        acc[1] += 1
+    return totals
+
+
+def low_precision_ops(fn: Callable[[], Any] | None, device: torch.device,
+                      ops: dict[str, list[float]] | None = None) -> list[str]:
+    """Names of low-bit GEMM ops/kernels seen in a profiler trace of ``fn()`` (or in ``ops``, a
+    :func:`traced_ops` result already taken)."""
+    ops = ops if ops is not None else traced_ops(fn, device)
+    return sorted(name for name in ops if LOWP.search(name))[:6]
+
+
+def kernel_profile(ops: dict[str, list[float]], top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` entries of a :func:`traced_ops` result by device time (``--profile``): where a
+    config's step time goes, e.g. GEMM vs activation-quantization kernels when comparing with torchao.
+    (Device time is counted on both a CPU op and the kernels it launches; the kernels rank first.)"""
+    ranked = sorted(((n, v) for n, v in ops.items() if v[0] > 0), key=lambda kv: kv[1][0], reverse=True)[:top]
+    return [{"kernel": name[:120], "ms": round(v[0], 4), "calls": int(v[1])} for name, v in ranked]
 
 
 def weight_mb(model: torch.nn.Module) -> float:
@@ -163,7 +164,10 @@ def weight_mb(model: torch.nn.Module) -> float:
     return model_nbytes(model) / 2**20
 
 
-def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], stats_path: str | None) -> dict[str, Any]:
+def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], stats_path: str | None,
+                 gptq_calib: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize ``model`` in place as ``kind`` says; ``ptq_gptq`` also needs ``gptq_calib`` (the loaded
+    bundle whose transformer ``model`` is, plus ``ptq_gptq_``'s seeds/labels/num_steps/guidance_scale)."""
     if kind == "none":
         return {}
     if kind == "torchao":
@@ -171,8 +175,13 @@ def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], st
 
         report = quantize_model_(model, QuantizeConfig(**settings))
         return {"layers_quantized": len(report.quantized)}
-    from diffspeed.methods.ptq import PTQConfig, ptq_model_
+    from diffspeed.methods.ptq import PTQConfig, ptq_gptq_, ptq_model_
 
+    if kind == "ptq_gptq":
+        if gptq_calib is None:
+            raise ValueError("ptq_gptq configs need gptq_calib")
+        report = ptq_gptq_(config=PTQConfig(**settings, gptq=True), **gptq_calib)
+        return {"layers_quantized": len(report.quantized), "kernels": sorted(set(report.kernels.values()))}
     kw = dict(settings)
     if kw.get("act") == "static" or kw.get("smooth_alpha") is not None:
         kw["calibration"] = stats_path
@@ -271,14 +280,9 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
         row = {**common, "config": cname, "peer": peer, "settings": settings, "stage": "fidelity"}
         try:
             loaded = fresh()
-            if kind == "ptq_gptq":
-                from diffspeed.methods.ptq import PTQConfig, ptq_gptq_
-
-                rep = ptq_gptq_(loaded, PTQConfig(**settings, gptq=True), seeds=calib_seeds, labels=calib_labels,
-                                num_steps=args.steps, guidance_scale=args.guidance)
-                info = {"layers_quantized": len(rep.quantized), "kernels": sorted(set(rep.kernels.values()))}
-            else:
-                info = apply_config(loaded.transformer, kind, settings, stats_file)
+            info = apply_config(loaded.transformer, kind, settings, stats_file, gptq_calib={
+                "loaded": loaded, "seeds": calib_seeds, "labels": calib_labels, "num_steps": args.steps,
+                "guidance_scale": args.guidance})
             out, peak_mb = run_peak(loaded)
             ms = step_ms(loaded)
             ops = low_precision_ops(lambda: generate(loaded, labels[:2], seeds[:2], num_steps=1), device)
@@ -457,9 +461,10 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                     with track_peak_memory(device) as peak:
                         ref_out = call()[0]
                     timing = time_callable(call, warmup=3, repeats=args.repeats, device=device)
-                    ops = low_precision_ops(call, device)
+                    trace = traced_ops(call, device)
+                    ops = low_precision_ops(None, device, trace)
                     if args.profile:
-                        row["kernel_profile"] = kernel_profile(call, device)
+                        row["kernel_profile"] = kernel_profile(trace)
                     if base_ms is None and kind == "none":
                         base_ms = timing.median_ms
                         pristine[(name, batch, "out")] = ref_out.float()

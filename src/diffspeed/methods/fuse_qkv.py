@@ -110,9 +110,10 @@ class FusedJointAttnProcessor:
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
 
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, H*D) -> (B, H, N, D)
+            return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
 
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -129,9 +130,7 @@ class FusedJointAttnProcessor:
                 ctx_k = attn.add_k_proj(encoder_hidden_states)
                 ctx_v = attn.add_v_proj(encoder_hidden_states)
 
-            ctx_q = ctx_q.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ctx_k = ctx_k.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ctx_v = ctx_v.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ctx_q, ctx_k, ctx_v = heads(ctx_q), heads(ctx_k), heads(ctx_v)
 
             if attn.norm_added_q is not None:
                 ctx_q = attn.norm_added_q(ctx_q)

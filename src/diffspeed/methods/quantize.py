@@ -256,7 +256,7 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
         )
     for f in missed:  # torchao skips shapes its kernel cannot take (what TorchAoConfig users get): say so
         report.skipped[f] = f"torchao's {config.backend} left it in float (shape {tuple(modules[f].weight.shape)})"
-    fqns = [f for f in fqns if f not in set(missed)]
+    fqns = [f for f in fqns if f not in report.skipped]
     report.quantized = list(fqns)
     report.weight_bytes_after = model_nbytes(model)
     report.quantized_bytes_after = sum(_nbytes(modules[f].weight) for f in fqns)

@@ -150,6 +150,20 @@ def _group_of(ctx: Any, num_groups: int) -> int:
     return min(ctx.step_index, ctx.num_steps - 1) * num_groups // ctx.num_steps
 
 
+def calibrated_linears(model: nn.Module, layer_fqns: Sequence[str], who: str) -> tuple[nn.Module, dict[str, nn.Module], list[str]]:
+    """``(unwrapped model, its modules by name, the fqns)`` after checking that every fqn names an
+    ``nn.Linear``; the shared front of the hook-based collectors (``who`` names the caller in errors)."""
+    base = getattr(model, "_orig_mod", model)
+    modules = dict(base.named_modules())
+    fqns = list(layer_fqns)
+    if not fqns:
+        raise DiffspeedError(f"{who}: no layers given")
+    bad = [f for f in fqns if not isinstance(modules.get(f), nn.Linear)]
+    if bad:
+        raise DiffspeedError(f"{who}: {bad[0]!r} is not an nn.Linear of the model")
+    return base, modules, fqns
+
+
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, run_fn: Callable[[], Any], layer_fqns: Sequence[str],
                              num_groups: int = 4, percentile: float = 99.99) -> ActivationStats:
@@ -161,14 +175,7 @@ def collect_activation_stats(model: nn.Module, run_fn: Callable[[], Any], layer_
         raise DiffspeedError(f"num_groups must be a positive integer, got {num_groups!r}")
     if not 0.0 < percentile <= 100.0:
         raise DiffspeedError(f"percentile must be in (0, 100], got {percentile}")
-    base = getattr(model, "_orig_mod", model)
-    modules = dict(base.named_modules())
-    fqns = list(layer_fqns)
-    if not fqns:
-        raise DiffspeedError("collect_activation_stats: no layers given")
-    bad = [f for f in fqns if not isinstance(modules.get(f), nn.Linear)]
-    if bad:
-        raise DiffspeedError(f"collect_activation_stats: {bad[0]!r} is not an nn.Linear of the model")
+    base, modules, fqns = calibrated_linears(model, layer_fqns, "collect_activation_stats")
     ctx = get_context(base)
     q = percentile / 100.0
     acc: dict[str, dict[str, torch.Tensor]] = {}

@@ -124,8 +124,8 @@ def _int4_inner_k_tiles(in_features: int) -> int | None:
     return None
 
 
-def resolve_int4_kernel(int4_kernel: str, device: str | torch.device) -> str:
-    """"auto" -> "dequant" (see INT4_KERNELS); ``device`` is kept for a future per-device choice."""
+def resolve_int4_kernel(int4_kernel: str) -> str:
+    """"auto" -> "dequant" (see INT4_KERNELS)."""
     if int4_kernel not in INT4_KERNELS:
         raise DiffspeedError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {int4_kernel!r}")
     return "dequant" if int4_kernel == "auto" else int4_kernel
@@ -188,7 +188,7 @@ def unavailable_reasons(fmt: str, device: str | torch.device = "cpu", *, in_feat
             reasons.append(f"in_features {k} is not divisible by the int4 group size {group_size}")
         if int4_kernel not in INT4_KERNELS:
             reasons.append(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {int4_kernel!r}")
-        elif resolve_int4_kernel(int4_kernel, device) == "dequant":
+        elif resolve_int4_kernel(int4_kernel) == "dequant":
             if k is not None and k % 2:
                 reasons.append(f"int4 storage packs two values per byte: in_features must be even, got {k}")
         elif device.type == "cpu":
@@ -433,7 +433,7 @@ def _kernel_for(fmt: str, device: torch.device, int4_kernel: str = "auto") -> st
                 and _op_works("_weight_int8pack_mm", dev) is None:
             return "torch._weight_int8pack_mm"
         return INT8_CAST_KERNEL
-    if resolve_int4_kernel(int4_kernel, device) == "dequant":
+    if resolve_int4_kernel(int4_kernel) == "dequant":
         return INT4_DEQUANT_KERNEL
     return "torch._weight_int4pack_mm" if device.type == "cuda" else "torch._weight_int4pack_mm_for_cpu"
 
@@ -511,7 +511,7 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
             q, sz = gptq_int4(w, hessian, group_size, gptq_damp)
         else:
             q, sz = _int4_groups(w, group_size)
-        if resolve_int4_kernel(int4_kernel, device) == "dequant":
+        if resolve_int4_kernel(int4_kernel) == "dequant":
             ql.register_buffer("qweight", ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous())
             sz_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
             ql.register_buffer("scales_and_zeros", sz.to(sz_dtype))

@@ -41,14 +41,9 @@ def collect_hessians(model: nn.Module, run_fn: Callable[[], Any], layer_fqns: Se
     """``{fqn: E[x x^T]}`` (fp32, ``[K, K]``, on the layer's device) of the inputs of ``layer_fqns`` while
     ``run_fn()`` runs (e.g. a few generations through diffspeed's sampler). Hooks are removed after,
     also when ``run_fn`` raises. Memory: ``4 K^2`` bytes per layer."""
-    base = getattr(model, "_orig_mod", model)
-    modules = dict(base.named_modules())
-    fqns = list(layer_fqns)
-    if not fqns:
-        raise DiffspeedError("collect_hessians: no layers given")
-    bad = [f for f in fqns if not isinstance(modules.get(f), nn.Linear)]
-    if bad:
-        raise DiffspeedError(f"collect_hessians: {bad[0]!r} is not an nn.Linear of the model")
+    from .calibration import calibrated_linears
+
+    _, modules, fqns = calibrated_linears(model, layer_fqns, "collect_hessians")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {f: 0 for f in fqns}
 
