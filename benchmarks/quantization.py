@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
                    help="speed stage: torch.compile the whole transformer (one graph per config, ~10-30 s) or "
                         "each block (regional)")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="compile every row with Inductor coordinate-descent tuning (torchao's process-wide default)")
     p.add_argument("--out", default="benchmarks/results/quantization.json")
     p.add_argument("--plot", default=None)
     p.add_argument("--budget-s", type=float, default=420.0)
@@ -190,16 +192,20 @@ def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], st
             if isinstance(getattr(report, "kernels", None), dict) else None}
 
 
-def compile_model(model: torch.nn.Module, scope: str = "model") -> None:
+def compile_model(model: torch.nn.Module, scope: str = "model", tune: bool = False) -> None:
     """``model``: the whole transformer call as one graph (what dense_baseline measures); ``blocks``:
-    regional compile, each transformer block's call compiled."""
+    regional compile, each transformer block's call compiled. ``tune``: Inductor's coordinate-descent
+    kernel tuning (what torchao's configs switch on process-wide), for every row alike."""
     from diffspeed.adapters import get_adapter
 
+    kw: dict[str, Any] = {"dynamic": False}
+    if tune:
+        kw["options"] = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
     if scope == "model":
-        model.compile(dynamic=False)
+        model.compile(**kw)
         return
     for _, block, _ in get_adapter(model).blocks(model):
-        block.compile(dynamic=False)
+        block.compile(**kw)
 
 
 # ---- fidelity stage --------------------------------------------------------------------------------
@@ -432,6 +438,8 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                 row = {"model": name if name != "flux-width" else f"flux-width ({blocks[0]}+{blocks[1]} blocks)",
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": batch,
                        "config": cname, "peer": peer, "compiled": compiled, "settings": settings, "stage": "speed",
+                       "tuned_kernels": bool(compiled and args.tune_kernels),
+                       "compile_scope": args.compile_scope if compiled else None,
                        "psnr_db": None, "judge_accuracy": None}
                 t0 = time.perf_counter()
                 try:
@@ -451,7 +459,7 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                     inputs = speed_inputs(name, model, batch, device, dtype)
                     ref_out = None
                     if compiled:
-                        compile_model(model, args.compile_scope)
+                        compile_model(model, args.compile_scope, args.tune_kernels)
 
                     def call():
                         with torch.no_grad():

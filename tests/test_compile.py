@@ -59,3 +59,34 @@ def test_bad_scope():
 
     with pytest.raises(DiffspeedError, match="scope"):
         CompileConfig(scope="everything")
+
+
+def test_tune_kernels_passes_coordinate_descent_options(tiny_dit, monkeypatch):
+    """tune_kernels spells the mode out as options (torch.compile takes one or the other) plus tuning."""
+    import diffspeed.methods.compile as compile_mod
+
+    seen = {}
+    real = torch.compile
+
+    def spy(fn, **kw):
+        seen.update(kw)
+        return real(fn, backend="eager")
+
+    monkeypatch.setattr(compile_mod.torch, "compile", spy)
+    with diffspeed.apply(tiny_dit.transformer, CompileConfig(mode="max-autotune-no-cudagraphs", tune_kernels=True)):
+        pass
+    assert "mode" not in seen
+    assert seen["options"]["coordinate_descent_tuning"] is True and seen["options"]["max_autotune"] is True
+    seen.clear()
+    with diffspeed.apply(tiny_dit.transformer, CompileConfig()):
+        pass
+    assert seen["mode"] == "default" and "options" not in seen
+
+
+def test_tune_kernels_must_be_bool():
+    import pytest
+
+    from diffspeed.errors import DiffspeedError
+
+    with pytest.raises(DiffspeedError, match="tune_kernels"):
+        CompileConfig(tune_kernels="yes")

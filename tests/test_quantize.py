@@ -228,3 +228,14 @@ def test_all_layers_matches_diffusers_torchaoconfig():
     kw = dict(timestep=torch.tensor([500.0, 20.0]), class_labels=torch.tensor([0, 3]), return_dict=False)
     with torch.no_grad():
         assert torch.equal(theirs(x, **kw)[0], ours(x, **kw)[0])
+
+
+def test_torchao_leaves_the_inductor_config_alone():
+    """torchao's configs switch Inductor's coordinate-descent tuning on process-wide when applied; the
+    wrapper restores it, so models compiled later in the process (a benchmark's bf16 row) are unaffected."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.coordinate_descent_tuning
+    loaded = _load("tiny-dit")
+    diffspeed.apply(loaded.transformer, QuantizeConfig(backend="int8_weight_only"))
+    assert inductor_config.coordinate_descent_tuning == before

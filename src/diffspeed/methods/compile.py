@@ -13,6 +13,12 @@ skip) cause graph breaks or recompiles; they say so in their ``compile_note``. A
 placed *under* every other method's wrappers, so a cache's skip decision stays in eager Python
 (no graph breaks, no recompiles) while the work it does not skip runs compiled. This is the scope to
 use with the caches; ``scope="model"`` compiles the whole call (best for a plain model).
+
+``tune_kernels=True`` adds Inductor's coordinate-descent tuning of the Triton kernels it generates
+(block sizes of the fused norm / activation-quantization reductions; ``max-autotune`` modes already
+include it). It lengthens the compile, and mostly pays off for quantized models, whose activation
+quantization is such a reduction. torchao's quantization configs switch the same tuning on for the
+whole process when applied; diffspeed keeps it per compile call.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 
 from ..adapters.base import ModelAdapter
 from ..errors import DiffspeedError
+from ._validate import require_bool
 from .base import MethodConfig, MethodHandle, Stage, register_method
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -42,8 +49,11 @@ class CompileConfig(MethodConfig):
     fullgraph: bool = False
     dynamic: bool = False
     scope: str = "model"
+    tune_kernels: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("tune_kernels", "fullgraph", "dynamic"):
+            require_bool("compile", name, getattr(self, name))
         if self.scope not in ("model", "blocks"):
             raise DiffspeedError(f"compile scope must be 'model' or 'blocks' (regional, for caches), got {self.scope!r}")
         if self.mode not in MODES:
@@ -79,7 +89,12 @@ def apply_compile(model: nn.Module, config: CompileConfig, adapter: ModelAdapter
         raise DiffspeedError("the transformer is already compiled outside diffspeed; pass the uncompiled model")
     options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
     if config.backend == "inductor":
-        options["mode"] = config.mode
+        if config.tune_kernels:  # torch.compile takes a mode or options, not both: spell the mode out
+            tuned = dict(torch._inductor.list_mode_options(config.mode))
+            tuned.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True)
+            options["options"] = tuned
+        else:
+            options["mode"] = config.mode
     calls = {"compiled_calls": 0}
     if config.scope == "blocks":
         return _compile_blocks(model, config, adapter, options, handle, calls)

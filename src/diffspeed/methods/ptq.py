@@ -220,7 +220,9 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
                 f"ptq_ gptq=true needs each layer's input second moment (missing for {missing[0]!r}): use "
                 "diffspeed.methods.ptq.ptq_gptq_(loaded, config, seeds=..., labels=..., num_steps=...) or "
                 "`diffspeed quantize --gptq`, which calibrate and quantize in one go")
-    ctx = get_context(model)
+    # only static scales follow the step: dynamic / weight-only layers need no StepContext, whose
+    # auto-mode pre-hook reads the timestep on the host (a sync and, compiled, a graph break)
+    ctx = get_context(model) if config.act == "static" and config.format in W8A8_FORMATS else None
     report = PTQReport(config.format, skipped=dict(skipped))
     report.weight_bytes_before = model_nbytes(model)
     qmax = 127.0 if config.format == "int8_w8a8" else 448.0
@@ -383,7 +385,7 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
     # rebuild the same modules (placeholder scales / factors, overwritten below)
     from ..context import get_context
 
-    ctx = get_context(model)
+    ctx = get_context(model) if any(info["act"] == "static" for info in layers.values()) else None
     report = PTQReport(config.format)
     report.weight_bytes_before = model_nbytes(model)
     new: list[QuantLinear] = []

@@ -33,13 +33,14 @@ a JSON sidecar) and restored onto a freshly loaded model by :func:`load_quantize
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -247,7 +248,8 @@ def _quantize(model: nn.Module, config: QuantizeConfig, fqns: list[str], skipped
     report.quantized_bytes_before = sum(_nbytes(modules[f].weight) for f in fqns)
     wanted = set(fqns)
     if wanted:
-        quantize_(model, _torchao_config(config.backend), filter_fn=lambda m, fqn: fqn in wanted)
+        with _inductor_config_kept():
+            quantize_(model, _torchao_config(config.backend), filter_fn=lambda m, fqn: fqn in wanted)
     missed = [f for f in fqns if not _is_quantized(modules[f].weight)]
     if missed and len(missed) == len(fqns):  # never report a silent no-op as quantized
         raise DiffspeedError(
@@ -298,6 +300,22 @@ def quantize_model_(model: nn.Module, config: QuantizeConfig | None = None,
     report = _quantize(model, config, fqns, skipped)
     applied[config.method] = _finish(model, config, report)
     return report
+
+
+@contextlib.contextmanager
+def _inductor_config_kept() -> Iterator[None]:
+    """Undo the process-wide Inductor settings torchao's configs switch on when applied
+    (``recommended_inductor_config_setter``: coordinate-descent kernel tuning and more). Left on, they
+    silently change how every model compiled afterwards in the process is built, and a benchmark's
+    later rows (or the float baseline) would be compiled differently from its earlier ones. The same
+    tuning is available per compile: ``CompileConfig(tune_kernels=True)``."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.save_config()
+    try:
+        yield
+    finally:
+        inductor_config.load_config(saved)
 
 
 @register_method(QuantizeConfig)
