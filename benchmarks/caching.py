@@ -212,6 +212,11 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
             out.append(Entry("erta_cache", False, "diffspeed", "sweep",
                              {"calibration_threshold": t, "use_timestep_adjust": True, "use_residual_correction": True},
                              config=erta_cls))
+        # the same method with its schedule ranked by measured reuse cost, at fixed reuse fractions
+        for f in () if quick or no_sweep else (0.56, 0.6, 0.64, 0.68, 0.72):
+            out.append(Entry("erta_cache", False, "diffspeed", "reuse-cost",
+                             {"calibration_reuse_fraction": f, "use_timestep_adjust": True,
+                              "use_residual_correction": True}, config=erta_cls))
     motion_cls = getattr(methods, "MotionCacheConfig", None)
     if motion_cls is not None and is_video and want("motion_cache"):
         grid = [{}] if quick or no_sweep else [{"recompute_ratio": r} for r in (0.75, 0.5, 0.35, 0.25)] + [
@@ -343,10 +348,14 @@ class Bench:
         cfg = entry.config
         if entry.method == "erta_cache":
             t = entry.settings.get("calibration_threshold")
-            path = self._calibration(f"erta_cache@{t}", lambda: self._calibrate_erta(t))
+            frac = entry.settings.get("calibration_reuse_fraction")
+            k = None if frac is None else max(1, round(frac * self.steps))
+            what = f"erta_cache@{t}" if k is None else f"erta_cache@reuse{k}"
+            path = self._calibration(what, lambda: self._calibrate_erta(t, k))
             cfg = _erta_config(entry.config, path, entry.settings)
             row["settings"] = _jsonable_settings({**entry.settings, **_config_settings(cfg)})
-            row["notes"].append(f"erta_cache calibrated by diffspeed.calibrate.calibrate_erta(threshold={t}) on seeds "
+            how = f"threshold={t}" if k is None else f"reuse_steps={k} (ranked by measured reuse cost)"
+            row["notes"].append(f"erta_cache calibrated by diffspeed.calibrate.calibrate_erta({how}) on seeds "
                                 f"{self.calib_seeds}")
         return apply_recipe(transformer, Recipe((cfg,)))
 
@@ -362,7 +371,7 @@ class Bench:
             raise RuntimeError(value)
         return value
 
-    def _calibrate_erta(self, threshold: float | None) -> str:
+    def _calibrate_erta(self, threshold: float | None, reuse_steps: int | None = None) -> str:
         """Run ``calibrate_erta`` at this configuration's steps (other seeds); the JSON goes to a temp file."""
         import diffspeed.calibrate as calibrate
 
@@ -374,6 +383,8 @@ class Bench:
         }
         if threshold is not None:
             available["threshold"] = threshold
+        if reuse_steps is not None:
+            available["reuse_steps"] = reuse_steps
         result = _call_flexible(calibrate.calibrate_erta, available)
         if isinstance(result, (str, os.PathLike)) and Path(result).is_file():
             return str(result)
@@ -742,7 +753,7 @@ _ABBREV = {
     "max_warmup_steps": "ws", "max_continuous_cached_steps": "mcc", "taylorseer_order": "ts", "front_blocks": "F",
     "back_blocks": "B", "taylor_order": "o", "cache_interval": "N", "max_order": "ord",
     "spatial_attention_block_skip_range": "sp", "cross_attention_block_skip_range": "cr",
-    "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal",
+    "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal", "calibration_reuse_fraction": "reuse",
     "recompute_ratio": "rr", "full_every": "fe",
 }
 

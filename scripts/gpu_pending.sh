@@ -7,11 +7,12 @@
 #   OUT=$OUT bash scripts/gpu_pending.sh quant      # issue 6: FLUX width first, then DiT-XL/2 batch 1 and 64
 #   OUT=$OUT bash scripts/gpu_pending.sh quantfid   # issue 6: GPTQ vs round-to-nearest fidelity rows in bf16
 #   OUT=$OUT bash scripts/gpu_pending.sh fp8profile # issue 6: where ours vs torchao's fp8 step time goes (DiT-XL/2 b64)
+#   OUT=$OUT bash scripts/gpu_pending.sh erta25     # issue 4: erta_cache with reuse-cost schedules vs MagCache, 25 steps, b64
 #   OUT=$OUT bash scripts/gpu_pending.sh tokens     # issue 4: MotionCache at video batch 8
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 fp8fix|quant|quantfid|fp8profile|tokens|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 fp8fix|erta25|quant|quantfid|fp8profile|tokens|attention|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -31,6 +32,9 @@ case "$STAGE" in
   quantfid)
     python3 benchmarks/quantization.py --stages fidelity --samples 64 --calib-seeds 8 --configs "g32,g64,int8_w8a8 dynamic" \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/quant_gptq.json" ;;
+  erta25)
+    python3 benchmarks/caching.py --models reference-image --steps 25 --image-batches 64 --stages image \
+      --ours erta_cache,step_cache --peers magcache --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_erta25.json" ;;
   tokens)
     python3 benchmarks/caching.py --models reference-video --steps 50 --video-batches 8 --ours motion_cache \
       --stages video --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_motion_b8.json" ;;

@@ -12,6 +12,9 @@ what :class:`~diffspeed.methods.erta_cache.ErtaCacheConfig` needs into a small J
    ``final_steps`` are computed; otherwise step ``k`` is reused while the accumulated change since
    the last computed step (``acc + rel_l1_change[k]``) stays below ``threshold`` and fewer than
    ``max_consecutive`` steps in a row were reused; a computed step resets the accumulator.
+   Or, with ``reuse_steps=K`` (``--reuse-steps K``), by **measured reuse cost**
+   (:mod:`diffspeed.erta_schedule`): for each allowed step, the final-latent error of the full
+   trajectory with only that step reused; the ``K`` cheapest steps under the consecutive cap.
 3. **Sequential fit on the cached trajectory** (trajectory-aware: the states the cached sampler
    really visits, not the full trajectory's). Walking the schedule with every sample in lockstep:
 
@@ -400,8 +403,12 @@ def calibrate_erta(
     ridge: float = 1e-3,
     validate: bool = True,
     progress: bool = False,
+    reuse_steps: int | None = None,
 ) -> dict[str, Any]:
     """Calibrate ERTACache for ``loaded`` (a :class:`~diffspeed.models.bundle.LoadedModel`); see the module doc.
+
+    ``reuse_steps=K`` picks the schedule by measured reuse cost instead of ``threshold``: the ``K``
+    steps whose reuse alone costs the least final-output error (:mod:`diffspeed.erta_schedule`).
 
     ``labels`` default to ``i % num_classes`` (class-conditional models) or ``i``. Returns the JSON-able
     dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
@@ -418,6 +425,11 @@ def calibrate_erta(
     dt_scale_bounds = (float(dt_scale_bounds[0]), float(dt_scale_bounds[1]))
     _check_args(num_steps, seeds, labels, guidance_scale, threshold, max_consecutive, warmup_steps, final_steps,
                 shift, dt_scale_bounds, ridge)
+    if reuse_steps is not None:
+        window = num_steps - final_steps - max(1, warmup_steps)
+        if isinstance(reuse_steps, bool) or not isinstance(reuse_steps, int) or not 1 <= reuse_steps <= max(window, 0):
+            raise DiffspeedError(f"reuse_steps must be an integer in 1..{max(window, 0)} (steps outside the "
+                                 f"{warmup_steps} warm-up and {final_steps} final steps), got {reuse_steps!r}")
     model = loaded.transformer
     caches = [name for name, h in applied_methods(model).items() if h.config.stage in (Stage.BLOCK, Stage.STEP)]
     if caches:
@@ -436,24 +448,37 @@ def calibrate_erta(
         task = bar.add_task("profiling (full model)", total=n_s) if bar else None
         change_rows: list[list[float]] = [[] for _ in range(n)]
         full_traj: list[list[torch.Tensor]] = []
+        full_res: list[list[Any]] = []  # per-sample residuals, kept only for the reuse-cost ranking
         for s in samples:
             run.ctx.begin(n, explicit=True)
-            x, prev, traj = s.x0, None, [s.x0]
+            x, prev, traj, res = s.x0, None, [s.x0], []
             for i in range(n):
-                v, (r_h, _) = run.velocity(s, x, i)
+                v, (r_h, r_e) = run.velocity(s, x, i)
+                if reuse_steps is not None:
+                    res.append((r_h, r_e))
                 if prev is not None and prev.shape == r_h.shape:
                     change_rows[i].extend(_row_rel_l1(r_h, prev))
                 prev = r_h
                 x = x + run.dt(i) * v
                 traj.append(x)
             full_traj.append(traj)
+            full_res.append(res)
             if bar:
                 bar.advance(task)
         changes: list[float | None] = [None] + [
             (sum(rows) / len(rows) if rows else None) for rows in change_rows[1:]
         ]
-        schedule = build_schedule(changes, threshold=threshold, max_consecutive=max_consecutive,
-                                  warmup_steps=warmup_steps, final_steps=final_steps)
+        costs: list[float | None] | None = None
+        if reuse_steps is None:
+            schedule = build_schedule(changes, threshold=threshold, max_consecutive=max_consecutive,
+                                      warmup_steps=warmup_steps, final_steps=final_steps)
+        else:
+            from .erta_schedule import CalibrationBatch, pick_schedule, reuse_costs
+
+            candidates = list(range(max(1, warmup_steps), n - final_steps))
+            costs = reuse_costs(run, CalibrationBatch(run, seeds, labels), full_traj, full_res, n, candidates, bar)
+            del full_res
+            schedule = pick_schedule(costs, reuse_steps, max_consecutive)
 
         # 2. sequential fit on the cached trajectory -------------------------------------------------
         dt_scale = [1.0] * n
@@ -534,7 +559,9 @@ def calibrate_erta(
             "calibration": {
                 "seeds": seeds,
                 "labels": labels,
-                "threshold": float(threshold),
+                "threshold": float(threshold) if reuse_steps is None else None,
+                "schedule_rule": "threshold" if reuse_steps is None else "reuse_cost",
+                "reuse_steps": reuse_steps,
                 "max_consecutive": max_consecutive,
                 "warmup_steps": warmup_steps,
                 "final_steps": final_steps,
@@ -546,6 +573,7 @@ def calibrate_erta(
             },
             "stats": {
                 "rel_l1_change": changes,
+                "reuse_cost_mse": costs,
                 "reused_steps": sum(schedule),
                 "computed_steps": n - sum(schedule),
                 "residual_rel_error_plain": res_err_plain,
@@ -674,6 +702,7 @@ def erta(
     guidance: float = typer.Option(4.0, help="classifier-free guidance scale of those generations"),
     threshold: float = typer.Option(0.15, help="accumulated residual change below which a step is reused (higher = faster)"),
     max_consecutive: int = typer.Option(3, help="at most this many reused steps in a row"),
+    reuse_steps: Optional[int] = typer.Option(None, "--reuse-steps", help="reuse exactly this many steps, the ones whose reuse alone costs the least final error (measured; replaces --threshold)"),
     warmup: int = typer.Option(2, help="first steps always computed"),
     final: int = typer.Option(1, help="last steps always computed"),
     shift: float = typer.Option(1.0, help="sigma shift of the flow-matching schedule"),
@@ -685,7 +714,7 @@ def erta(
     """Calibrate erta_cache (ERTACache) for one model and step count; write the JSON its `calibration` option reads."""
     try:
         _erta(model=model, steps=steps, n_seeds=seeds, seed=seed, guidance=guidance, threshold=threshold,
-              max_consecutive=max_consecutive, warmup=warmup, final=final, shift=shift, out=out, validate=validate,
+              max_consecutive=max_consecutive, reuse_steps=reuse_steps, warmup=warmup, final=final, shift=shift, out=out, validate=validate,
               device=device, dtype=dtype)
     except DiffspeedError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -693,7 +722,7 @@ def erta(
 
 
 def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, threshold: float, max_consecutive: int,
-          warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
+          reuse_steps: int | None, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps <= 0:
         raise DiffspeedError(f"--steps must be a positive integer, got {steps}")
@@ -711,7 +740,7 @@ def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, t
     seed_list = [seed + i for i in range(n_seeds)]
     data = calibrate_erta(loaded, num_steps=steps, seeds=seed_list, guidance_scale=guidance, threshold=threshold,
                           max_consecutive=max_consecutive, warmup_steps=warmup, final_steps=final, shift=shift,
-                          validate=validate, progress=True)
+                          validate=validate, progress=True, reuse_steps=reuse_steps)
     save_calibration(data, out)
     reused = [k for k, s in enumerate(data["schedule"]) if s]
     val = data["stats"].get("validation")
