@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
                    help="speed stage: torch.compile the whole transformer (one graph per config, ~10-30 s) or "
                         "each block (regional)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of every compiled row (reduce-overhead: CUDA graphs, no launch overhead)")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compile every row with Inductor coordinate-descent tuning (torchao's process-wide default)")
     p.add_argument("--out", default="benchmarks/results/quantization.json")
@@ -192,15 +195,18 @@ def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], st
             if isinstance(getattr(report, "kernels", None), dict) else None}
 
 
-def compile_model(model: torch.nn.Module, scope: str = "model", tune: bool = False) -> None:
+def compile_model(model: torch.nn.Module, scope: str = "model", tune: bool = False, mode: str = "default") -> None:
     """``model``: the whole transformer call as one graph (what dense_baseline measures); ``blocks``:
     regional compile, each transformer block's call compiled. ``tune``: Inductor's coordinate-descent
     kernel tuning (what torchao's configs switch on process-wide), for every row alike."""
     from diffspeed.adapters import get_adapter
 
     kw: dict[str, Any] = {"dynamic": False}
-    if tune:
-        kw["options"] = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
+    if tune:  # torch.compile takes a mode or options: spell the mode out
+        kw["options"] = {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True,
+                         "coordinate_descent_check_all_directions": True}
+    elif mode != "default":
+        kw["mode"] = mode
     if scope == "model":
         model.compile(**kw)
         return
@@ -440,6 +446,7 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                        "config": cname, "peer": peer, "compiled": compiled, "settings": settings, "stage": "speed",
                        "tuned_kernels": bool(compiled and args.tune_kernels),
                        "compile_scope": args.compile_scope if compiled else None,
+                       "compile_mode": args.compile_mode if compiled else None,
                        "psnr_db": None, "judge_accuracy": None}
                 t0 = time.perf_counter()
                 try:
@@ -459,11 +466,15 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                     inputs = speed_inputs(name, model, batch, device, dtype)
                     ref_out = None
                     if compiled:
-                        compile_model(model, args.compile_scope, args.tune_kernels)
+                        compile_model(model, args.compile_scope, args.tune_kernels, args.compile_mode)
+                    graphs = compiled and args.compile_mode in ("reduce-overhead", "max-autotune")
 
                     def call():
+                        if graphs:  # CUDA graphs: a new step, so the previous replay's outputs may be reused
+                            torch.compiler.cudagraph_mark_step_begin()
                         with torch.no_grad():
-                            return model(**inputs)
+                            out = model(**inputs)
+                        return tuple(o.clone() for o in out) if graphs else out
 
                     call()
                     with track_peak_memory(device) as peak:
