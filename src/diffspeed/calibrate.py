@@ -461,7 +461,9 @@ def calibrate_erta(
             for i in range(n):
                 v, (r_h, r_e) = run.velocity(s, x, i)
                 if reuse_steps is not None:
-                    res.append((r_h, r_e))
+                    from .erta_schedule import offload
+
+                    res.append((offload(r_h), offload(r_e)))
                 if prev is not None and prev.shape == r_h.shape:
                     change_rows[i].extend(_row_rel_l1(r_h, prev))
                 prev = r_h

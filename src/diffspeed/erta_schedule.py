@@ -26,7 +26,8 @@ Cost: one forward per remaining step for each candidate, ``sum(n - c)`` batched 
 ``n^2 / 2``; 275 at 25 steps), on top of the threshold calibration's profiling. Interactions between
 reused steps (two neighbours reused together) are not modelled; the residual correction and timestep
 adjustment fitted afterwards on the chosen schedule see them, and validation keeps a correction only
-if it lowers the final error.
+if it lowers the final error. Memory: every full-model residual of the calibration trajectories is
+kept, in host memory (:func:`offload`), and moved to the device one step at a time.
 """
 
 from __future__ import annotations
@@ -56,13 +57,26 @@ def _stack_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(states), dim=0)
 
 
-def _stack_residuals(per_sample: Sequence[torch.Tensor | None], use_cfg: bool) -> torch.Tensor | None:
-    """Per-sample residuals (``[2, ...]`` = uncond, cond with CFG) to the batch layout."""
+def offload(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Where stored residuals live between uses: host memory. They are a full hidden state per step,
+    sample and CFG branch (FLUX at 4096 tokens: ~100 MB each, ~10 GB for 25 steps x 4 samples)."""
+    return None if t is None else t.detach().to("cpu")
+
+
+def _on(pair: Any, device: torch.device) -> Any:
+    return None if pair is None else tuple(None if t is None else t.to(device) for t in pair)
+
+
+def _stack_residuals(per_sample: Sequence[torch.Tensor | None], use_cfg: bool,
+                     device: torch.device | None = None) -> torch.Tensor | None:
+    """Per-sample residuals (``[2, ...]`` = uncond, cond with CFG) to the batch layout, on ``device``."""
     if any(r is None for r in per_sample):
         return None
     if not use_cfg:
-        return torch.cat(list(per_sample), dim=0)
-    return torch.cat([r[0:1] for r in per_sample] + [r[1:2] for r in per_sample], dim=0)
+        out = torch.cat(list(per_sample), dim=0)
+    else:
+        out = torch.cat([r[0:1] for r in per_sample] + [r[1:2] for r in per_sample], dim=0)
+    return out if device is None else out.to(device)
 
 
 @torch.no_grad()
@@ -83,8 +97,8 @@ def reuse_costs(run: Any, batch: CalibrationBatch, full_traj: Sequence[Sequence[
         if c < 1 or c >= num_steps:
             raise DiffspeedError(f"step {c} cannot be reused (valid: 1..{num_steps - 1})")
         x = _stack_states([full_traj[j][c] for j in range(n_s)])
-        r_h = _stack_residuals([residuals[j][c - 1][0] for j in range(n_s)], run.use_cfg)
-        r_e = _stack_residuals([residuals[j][c - 1][1] for j in range(n_s)], run.use_cfg)
+        r_h = _stack_residuals([residuals[j][c - 1][0] for j in range(n_s)], run.use_cfg, run.device)
+        r_e = _stack_residuals([residuals[j][c - 1][1] for j in range(n_s)], run.use_cfg, run.device)
         run.ctx.begin(num_steps, explicit=True)
         v, _ = run.velocity(batch, x, c, inject=(r_h, r_e))
         x = x + run.dt(c) * v
@@ -152,6 +166,7 @@ def greedy_schedule(run: Any, batch: CalibrationBatch, full_traj: Sequence[Seque
     n_s, n = len(full_traj), num_steps
     final = _stack_states([full_traj[j][n] for j in range(n_s)]).double()
     # states of the current schedule: latent before step i, and the residual a reuse at step i injects
+    # (kept in host memory, see offload)
     xs: list[torch.Tensor] = [_stack_states([full_traj[j][i] for j in range(n_s)]) for i in range(n + 1)]
     mem: list[Any] = [None] + [(_stack_residuals([residuals[j][i - 1][0] for j in range(n_s)], run.use_cfg),
                                 _stack_residuals([residuals[j][i - 1][1] for j in range(n_s)], run.use_cfg))
@@ -160,11 +175,11 @@ def greedy_schedule(run: Any, batch: CalibrationBatch, full_traj: Sequence[Seque
     errors: list[float] = []
 
     def simulate(trial: Sequence[bool], start: int, record: bool) -> float:
-        x, last = xs[start], mem[start]
+        x, last = xs[start], _on(mem[start], run.device)
         run.ctx.begin(n, explicit=True)
         for i in range(start, n):
             if record:
-                xs[i], mem[i] = x, last
+                xs[i], mem[i] = x, _on(last, torch.device("cpu"))
             if trial[i]:
                 v, _ = run.velocity(batch, x, i, inject=last)
             else:
