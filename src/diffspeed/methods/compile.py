@@ -90,7 +90,9 @@ def apply_compile(model: nn.Module, config: CompileConfig, adapter: ModelAdapter
     options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
     if config.backend == "inductor":
         if config.tune_kernels:  # torch.compile takes a mode or options, not both: spell the mode out
-            tuned = dict(torch._inductor.list_mode_options(config.mode))
+            from torch._inductor import list_mode_options
+
+            tuned = dict(list_mode_options(config.mode))
             tuned.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True)
             options["options"] = tuned
         else:
