@@ -2,8 +2,7 @@
 
 Why: a step cache's speed is set by how many steps it reuses, its quality by *which* ones. This
 script calibrates ``erta_cache`` on the reference image model with the threshold rule over a sweep,
-then with ``reuse_steps=K`` (:mod:`diffspeed.erta_schedule`: single-step costs ``ranked``, or the
-``greedy`` search) at the same K values, and measures the
+then with ``reuse_steps=K`` (:mod:`diffspeed.erta_schedule`) at the same K values, and measures the
 final outputs of other seeds against the full model (PSNR / SSIM). Reuse counts are equal by
 construction, so the transformer work skipped is the same: the comparison is fidelity at equal
 work, which does not depend on the device (fp32). Timings are not taken here (see ``caching.py``).
@@ -30,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-seeds", type=int, default=4)
     p.add_argument("--eval-seeds", type=int, default=8)
     p.add_argument("--thresholds", default="0.15,0.2,0.25,0.3,0.35")
-    p.add_argument("--extra-k", default="", help="more reuse counts for the reuse-cost rules, e.g. 17")
-    p.add_argument("--searches", default="ranked,greedy", help="reuse-cost rules to run: ranked, greedy")
+    p.add_argument("--extra-k", default="", help="more reuse counts for the reuse-cost rule, e.g. 17")
     p.add_argument("--out", default="benchmarks/results/erta_schedule_cpu.json")
     args = p.parse_args(argv)
 
@@ -84,16 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         measure("threshold", t, data, time.perf_counter() - t0)
         ks.append(sum(data["schedule"]))
     ks += [int(x) for x in args.extra_k.split(",") if x]
-    for search in [x for x in args.searches.split(",") if x]:
-        for kk in sorted(set(x for x in ks if x > 0)):
-            t0 = time.perf_counter()
-            try:
-                data = calibrate_erta(loaded, num_steps=args.steps, seeds=calib_seeds, labels=calib_labels,
-                                      guidance_scale=args.guidance, reuse_steps=kk, schedule_search=search)
-            except DiffspeedError as exc:
-                print(f"{search} K={kk}: {exc}", flush=True)
-                continue
-            measure(search, kk, data, time.perf_counter() - t0)
+    for kk in sorted(set(x for x in ks if x > 0)):
+        t0 = time.perf_counter()
+        try:
+            data = calibrate_erta(loaded, num_steps=args.steps, seeds=calib_seeds, labels=calib_labels,
+                                  guidance_scale=args.guidance, reuse_steps=kk)
+        except DiffspeedError as exc:
+            print(f"reuse_cost K={kk}: {exc}", flush=True)
+            continue
+        measure("reuse_cost", kk, data, time.perf_counter() - t0)
     return 0
 
 

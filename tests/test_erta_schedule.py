@@ -26,15 +26,14 @@ def test_pick_schedule_takes_the_cheapest_under_the_cap():
 def ranked():
     loaded = load_model("tiny-dit")
     data = calibrate_erta(loaded, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
-                          reuse_steps=2, max_consecutive=3, warmup_steps=2, final_steps=1, validate=False,
-                          schedule_search="ranked")
+                          reuse_steps=2, max_consecutive=3, warmup_steps=2, final_steps=1, validate=False)
     return loaded, data
 
 
 def test_reuse_steps_schedule_has_k_reused_steps_chosen_by_cost(ranked):
     _, data = ranked
     costs = data["stats"]["reuse_cost_mse"]
-    assert data["calibration"]["schedule_rule"] == "reuse_cost_ranked" and data["calibration"]["reuse_steps"] == 2
+    assert data["calibration"]["schedule_rule"] == "reuse_cost" and data["calibration"]["reuse_steps"] == 2
     assert [c is not None for c in costs] == [False, False, True, True, True, True, True, False]
     assert all(c > 0 for c in costs if c is not None) and len({round(c, 12) for c in costs if c is not None}) > 1
     reused = [i for i, s in enumerate(data["schedule"]) if s]
@@ -42,32 +41,8 @@ def test_reuse_steps_schedule_has_k_reused_steps_chosen_by_cost(ranked):
     assert sorted(reused) == sorted(cheapest)
 
 
-def test_reuse_cost_is_the_final_error_of_reusing_that_step_alone(ranked):
-    """The batched ranking equals a plain erta_cache run (no corrections) that reuses only step c."""
-    loaded, data = ranked
-    model = loaded.transformer
-    cond = loaded.make_condition(LABELS, torch.device("cpu"))
-
-    def final() -> torch.Tensor:
-        return sample(model, cond, seeds=SEEDS, latent_shape=loaded.latent_shape, num_steps=STEPS,
-                      guidance_scale=GUIDANCE, adapter=loaded.adapter)
-
-    full = final()
-    costs = data["stats"]["reuse_cost_mse"]
-    for c in (2, 5):
-        only_c = dict(data, schedule=[i == c for i in range(STEPS)])
-        cfg = ErtaCacheConfig(calibration=_IN_MEMORY, use_timestep_adjust=False, use_residual_correction=False)
-        handle = apply_with_data(model, cfg, loaded.adapter, only_c)
-        try:
-            out = final()
-        finally:
-            handle.remove()
-        mse = float(((out.double() - full.double()) ** 2).mean())
-        assert mse > 0
-        assert mse == pytest.approx(costs[c], rel=1e-3)
-
-
-def _plain_final_mse(loaded, data, schedule) -> float:
+def _plain_reuse_final_mse(loaded, data, schedule) -> float:
+    """Final-latent MSE vs the full model of erta_cache with ``schedule`` and no corrections."""
     model = loaded.transformer
     cond = loaded.make_condition(LABELS, torch.device("cpu"))
 
@@ -85,29 +60,25 @@ def _plain_final_mse(loaded, data, schedule) -> float:
     return float(((out.double() - full.double()) ** 2).mean())
 
 
-def test_greedy_search_errors_are_those_of_its_schedules():
-    """Each greedy round's recorded error is the plain-reuse final error of the schedule so far (the
-    in-memory trajectory bookkeeping matches the real method), and it picks K allowed steps."""
-    loaded = load_model("tiny-dit")
-    data = calibrate_erta(loaded, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
-                          reuse_steps=3, max_consecutive=2, warmup_steps=2, final_steps=1, validate=False,
-                          schedule_search="greedy")
-    assert data["calibration"]["schedule_rule"] == "reuse_cost_greedy"
-    reused = [i for i, s in enumerate(data["schedule"]) if s]
-    assert len(reused) == 3 and all(2 <= i < STEPS - 1 for i in reused)
-    assert "xxx" not in "".join("x" if s else "." for s in data["schedule"])
-    errors = data["stats"]["greedy_mse"]
-    assert len(errors) == 3 and errors[0] == pytest.approx(min(c for c in data["stats"]["reuse_cost_mse"] if c))
-    assert errors[-1] == pytest.approx(_plain_final_mse(loaded, data, data["schedule"]), rel=1e-3)
+def test_reuse_cost_is_the_final_error_of_reusing_that_step_alone(ranked):
+    """The batched ranking equals a plain erta_cache run (no corrections) that reuses only step c."""
+    loaded, data = ranked
+    costs = data["stats"]["reuse_cost_mse"]
+    for c in (2, 5):
+        mse = _plain_reuse_final_mse(loaded, data, [i == c for i in range(STEPS)])
+        assert mse > 0
+        assert mse == pytest.approx(costs[c], rel=1e-3)
 
 
 def test_bad_reuse_steps():
     loaded = load_model("tiny-dit")
-    for bad in (0, 6, 2.5, True):
-        with pytest.raises(DiffspeedError, match="reuse_steps must be an integer in 1..5"):
+    # 5 steps outside warm-up / final; at most 3 in a row leaves at most 4 reusable
+    for bad in (0, 5, 2.5, True):
+        with pytest.raises(DiffspeedError, match="reuse_steps must be an integer in 1..4"):
             calibrate_erta(loaded, num_steps=STEPS, seeds=[0], reuse_steps=bad, warmup_steps=2, final_steps=1)
-    with pytest.raises(DiffspeedError, match="schedule_search"):
-        calibrate_erta(loaded, num_steps=STEPS, seeds=[0], reuse_steps=2, schedule_search="beam")
+    with pytest.raises(DiffspeedError, match=r"1\.\.3 .*at most 1 reused in a row"):
+        calibrate_erta(loaded, num_steps=STEPS, seeds=[0], reuse_steps=4, max_consecutive=1, warmup_steps=2,
+                       final_steps=1)
 
 
 def test_cli_reuse_steps(tmp_path):
@@ -117,10 +88,10 @@ def test_cli_reuse_steps(tmp_path):
 
     out = tmp_path / "c.json"
     result = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "8", "--seeds", "2", "--guidance", "3",
-                                      "--reuse-steps", "3", "--schedule-search", "ranked", "--out", str(out)])
+                                      "--reuse-steps", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = load_calibration(out)
-    assert sum(data["schedule"]) == 3 and data["calibration"]["schedule_rule"] == "reuse_cost_ranked"
+    assert sum(data["schedule"]) == 3 and data["calibration"]["schedule_rule"] == "reuse_cost"
     bad = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "8", "--reuse-steps", "9",
                                    "--out", str(tmp_path / "d.json")])
     assert bad.exit_code == 2 and "reuse_steps must be an integer" in bad.output

@@ -404,15 +404,11 @@ def calibrate_erta(
     validate: bool = True,
     progress: bool = False,
     reuse_steps: int | None = None,
-    schedule_search: str = "ranked",
 ) -> dict[str, Any]:
     """Calibrate ERTACache for ``loaded`` (a :class:`~diffspeed.models.bundle.LoadedModel`); see the module doc.
 
     ``reuse_steps=K`` picks the schedule by measured reuse cost instead of ``threshold``: the ``K``
-    steps whose reuse alone costs the least final-output error (:mod:`diffspeed.erta_schedule`);
-    ``schedule_search="ranked"`` (default) takes the ``K`` cheapest single-step costs; ``"greedy"``
-    adds them one at a time given the ones already chosen (about twice the calibration time; on the
-    reference image model at 25 steps it chose the same schedules, ``erta_schedule_cpu.json``).
+    steps whose reuse alone costs the least final-output error (:mod:`diffspeed.erta_schedule`).
 
     ``labels`` default to ``i % num_classes`` (class-conditional models) or ``i``. Returns the JSON-able
     dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
@@ -429,13 +425,14 @@ def calibrate_erta(
     dt_scale_bounds = (float(dt_scale_bounds[0]), float(dt_scale_bounds[1]))
     _check_args(num_steps, seeds, labels, guidance_scale, threshold, max_consecutive, warmup_steps, final_steps,
                 shift, dt_scale_bounds, ridge)
-    if schedule_search not in ("greedy", "ranked"):
-        raise DiffspeedError(f"schedule_search must be 'greedy' or 'ranked', got {schedule_search!r}")
     if reuse_steps is not None:
-        window = num_steps - final_steps - max(1, warmup_steps)
-        if isinstance(reuse_steps, bool) or not isinstance(reuse_steps, int) or not 1 <= reuse_steps <= max(window, 0):
-            raise DiffspeedError(f"reuse_steps must be an integer in 1..{max(window, 0)} (steps outside the "
-                                 f"{warmup_steps} warm-up and {final_steps} final steps), got {reuse_steps!r}")
+        # checked before any model call: at most max_consecutive reused in a row within the window
+        window = max(num_steps - final_steps - max(1, warmup_steps), 0)
+        most = window - window // (max_consecutive + 1)
+        if isinstance(reuse_steps, bool) or not isinstance(reuse_steps, int) or not 1 <= reuse_steps <= most:
+            raise DiffspeedError(f"reuse_steps must be an integer in 1..{most} ({window} steps outside the "
+                                 f"{warmup_steps} warm-up and {final_steps} final steps, at most {max_consecutive} "
+                                 f"reused in a row), got {reuse_steps!r}")
     model = loaded.transformer
     caches = [name for name, h in applied_methods(model).items() if h.config.stage in (Stage.BLOCK, Stage.STEP)]
     if caches:
@@ -477,22 +474,16 @@ def calibrate_erta(
             (sum(rows) / len(rows) if rows else None) for rows in change_rows[1:]
         ]
         costs: list[float | None] | None = None
-        greedy_errors: list[float] | None = None
         if reuse_steps is None:
             schedule = build_schedule(changes, threshold=threshold, max_consecutive=max_consecutive,
                                       warmup_steps=warmup_steps, final_steps=final_steps)
         else:
-            from .erta_schedule import CalibrationBatch, greedy_schedule, pick_schedule, reuse_costs
+            from .erta_schedule import CalibrationBatch, pick_schedule, reuse_costs
 
             candidates = list(range(max(1, warmup_steps), n - final_steps))
-            cal_batch = CalibrationBatch(run, seeds, labels)
-            costs = reuse_costs(run, cal_batch, full_traj, full_res, n, candidates, bar)
-            if schedule_search == "ranked":
-                schedule = pick_schedule(costs, reuse_steps, max_consecutive)
-            else:
-                schedule, greedy_errors = greedy_schedule(run, cal_batch, full_traj, full_res, n, costs, reuse_steps,
-                                                          max_consecutive, bar=bar)
+            costs = reuse_costs(run, CalibrationBatch(run, labels), full_traj, full_res, n, candidates, bar)
             del full_res
+            schedule = pick_schedule(costs, reuse_steps, max_consecutive)
 
         # 2. sequential fit on the cached trajectory -------------------------------------------------
         dt_scale = [1.0] * n
@@ -574,7 +565,7 @@ def calibrate_erta(
                 "seeds": seeds,
                 "labels": labels,
                 "threshold": float(threshold) if reuse_steps is None else None,
-                "schedule_rule": "threshold" if reuse_steps is None else f"reuse_cost_{schedule_search}",
+                "schedule_rule": "threshold" if reuse_steps is None else "reuse_cost",
                 "reuse_steps": reuse_steps,
                 "max_consecutive": max_consecutive,
                 "warmup_steps": warmup_steps,
@@ -588,7 +579,6 @@ def calibrate_erta(
             "stats": {
                 "rel_l1_change": changes,
                 "reuse_cost_mse": costs,
-                "greedy_mse": greedy_errors,
                 "reused_steps": sum(schedule),
                 "computed_steps": n - sum(schedule),
                 "residual_rel_error_plain": res_err_plain,
@@ -718,7 +708,6 @@ def erta(
     threshold: float = typer.Option(0.15, help="accumulated residual change below which a step is reused (higher = faster)"),
     max_consecutive: int = typer.Option(3, help="at most this many reused steps in a row"),
     reuse_steps: Optional[int] = typer.Option(None, "--reuse-steps", help="reuse exactly this many steps, the ones whose reuse alone costs the least final error (measured; replaces --threshold)"),
-    schedule_search: str = typer.Option("ranked", help="with --reuse-steps: 'ranked' (single-step costs) or 'greedy' (each step chosen given those already reused; slower)"),
     warmup: int = typer.Option(2, help="first steps always computed"),
     final: int = typer.Option(1, help="last steps always computed"),
     shift: float = typer.Option(1.0, help="sigma shift of the flow-matching schedule"),
@@ -730,7 +719,8 @@ def erta(
     """Calibrate erta_cache (ERTACache) for one model and step count; write the JSON its `calibration` option reads."""
     try:
         _erta(model=model, steps=steps, n_seeds=seeds, seed=seed, guidance=guidance, threshold=threshold,
-              max_consecutive=max_consecutive, reuse_steps=reuse_steps, schedule_search=schedule_search, warmup=warmup, final=final, shift=shift, out=out, validate=validate,
+              max_consecutive=max_consecutive, reuse_steps=reuse_steps, warmup=warmup, final=final, shift=shift,
+              out=out, validate=validate,
               device=device, dtype=dtype)
     except DiffspeedError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -738,7 +728,7 @@ def erta(
 
 
 def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, threshold: float, max_consecutive: int,
-          reuse_steps: int | None, schedule_search: str, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
+          reuse_steps: int | None, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps <= 0:
         raise DiffspeedError(f"--steps must be a positive integer, got {steps}")
@@ -756,8 +746,7 @@ def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, t
     seed_list = [seed + i for i in range(n_seeds)]
     data = calibrate_erta(loaded, num_steps=steps, seeds=seed_list, guidance_scale=guidance, threshold=threshold,
                           max_consecutive=max_consecutive, warmup_steps=warmup, final_steps=final, shift=shift,
-                          validate=validate, progress=True, reuse_steps=reuse_steps,
-                          schedule_search=schedule_search)
+                          validate=validate, progress=True, reuse_steps=reuse_steps)
     save_calibration(data, out)
     reused = [k for k, s in enumerate(data["schedule"]) if s]
     val = data["stats"].get("validation")

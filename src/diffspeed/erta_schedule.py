@@ -9,18 +9,18 @@ the single-step version of that: for every step ``c`` that may be reused, it res
 model's trajectory at step ``c`` (all calibration samples in one batch), reuses the previous step's
 residual there, computes every later step in full, and records the mean squared error of the final
 latents against the full model's (``reuse_costs``). :func:`pick_schedule` then reuses the ``K``
-cheapest steps, subject to the cap on consecutive reuses; :func:`greedy_schedule` instead adds steps
-one at a time, each simulated on top of the steps already chosen.
+cheapest steps, subject to the cap on consecutive reuses.
 
 What it buys, measured (``benchmarks/results/erta_schedule_cpu.json``, reference image model, 25
 steps, CPU fp32, 8 evaluation seeds): exact control of the reuse count (the threshold rule's
 schedules jump, e.g. from 14 to 16 reused steps), but **not** better fidelity at equal reuse: +0.8 dB
 at 14 reused steps, -3.9 dB at 15, and 31.8 dB at 16 where two thresholds gave 33.1 and 31.2 dB.
-Greedy chose the same schedules as the ranking. The cost being ranked is that of *plain* reuse; the
-residual correction and timestep adjustment fitted afterwards change which steps are cheap. Pricing
-each step with the corrections fitted for it alone was tried and measured worse (35.4 / 32.1 / 24.8 dB
-at 14 / 15 / 16 reused steps, same setup), so it is not offered; a search over whole corrected
-schedules was not tried.
+A greedy search (each step re-simulated on top of those already chosen, twice the calibration time)
+chose the same schedules as the ranking (the ``greedy`` rows of that file) and was removed. The cost
+being ranked is that of *plain* reuse; the residual correction and timestep adjustment fitted
+afterwards change which steps are cheap. Pricing each step with the corrections fitted for it alone
+was tried on the same setup and was worse at every K, so it is not offered either; a search over
+whole corrected schedules was not tried.
 
 Cost: one forward per remaining step for each candidate, ``sum(n - c)`` batched forwards (about
 ``n^2 / 2``; 275 at 25 steps), on top of the threshold calibration's profiling. Interactions between
@@ -44,13 +44,11 @@ class CalibrationBatch:
     """All calibration samples as one batch, laid out as :meth:`_Runner.velocity` expects: latents
     ``[S, ...]``, and with CFG the model kwargs as ``[uncond of every sample, cond of every sample]``."""
 
-    def __init__(self, run: Any, seeds: Sequence[int], labels: Sequence[int]) -> None:
+    def __init__(self, run: Any, labels: Sequence[int]) -> None:
         from .sampler import _cat_kwargs
 
         cond = run.loaded.make_condition(list(labels), run.device)
-        self.condition = cond
         self.kwargs = _cat_kwargs(cond.uncond, cond.cond) if run.use_cfg else cond.cond
-        self.size = len(seeds)
 
 
 def _stack_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -61,10 +59,6 @@ def offload(t: torch.Tensor | None) -> torch.Tensor | None:
     """Where stored residuals live between uses: host memory. They are a full hidden state per step,
     sample and CFG branch (FLUX at 4096 tokens: ~100 MB each, ~10 GB for 25 steps x 4 samples)."""
     return None if t is None else t.detach().to("cpu")
-
-
-def _on(pair: Any, device: torch.device) -> Any:
-    return None if pair is None else tuple(None if t is None else t.to(device) for t in pair)
 
 
 def _stack_residuals(per_sample: Sequence[torch.Tensor | None], use_cfg: bool,
@@ -112,35 +106,6 @@ def reuse_costs(run: Any, batch: CalibrationBatch, full_traj: Sequence[Sequence[
     return costs
 
 
-def pick_schedule(costs: Sequence[float | None], reuse_steps: int, max_consecutive: int) -> list[bool]:
-    """Reuse the ``reuse_steps`` cheapest candidate steps (``costs[c]`` not None), never more than
-    ``max_consecutive`` in a row. Raises naming the limit if the cap leaves too few steps."""
-    n = len(costs)
-    schedule = [False] * n
-    order = sorted((c for c in range(n) if costs[c] is not None), key=lambda c: (costs[c], c))
-    taken = 0
-    for c in order:
-        if taken == reuse_steps:
-            break
-        schedule[c] = True
-        run_len, k = 1, c - 1
-        while k >= 0 and schedule[k]:
-            run_len, k = run_len + 1, k - 1
-        k = c + 1
-        while k < n and schedule[k]:
-            run_len, k = run_len + 1, k + 1
-        if run_len > max_consecutive:
-            schedule[c] = False
-            continue
-        taken += 1
-    if taken < reuse_steps:
-        n_cand = sum(c is not None for c in costs)
-        raise DiffspeedError(
-            f"reuse_steps={reuse_steps} cannot be met: {n_cand} steps may be reused (outside warm-up and final "
-            f"steps) and at most {max_consecutive} in a row fit {taken}; lower reuse_steps or raise max_consecutive")
-    return schedule
-
-
 def _run_allowed(schedule: Sequence[bool], c: int, max_consecutive: int) -> bool:
     """Whether reusing step ``c`` keeps every run of reused steps at most ``max_consecutive`` long."""
     n, run_len = len(schedule), 1
@@ -153,67 +118,22 @@ def _run_allowed(schedule: Sequence[bool], c: int, max_consecutive: int) -> bool
     return run_len <= max_consecutive
 
 
-@torch.no_grad()
-def greedy_schedule(run: Any, batch: CalibrationBatch, full_traj: Sequence[Sequence[torch.Tensor]],
-                    residuals: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor | None]]], num_steps: int,
-                    costs: Sequence[float | None], reuse_steps: int, max_consecutive: int, shortlist: int = 6,
-                    bar: Any = None) -> tuple[list[bool], list[float]]:
-    """Add reused steps one at a time, each the one that raises the final error least *given the steps
-    already reused* (single-step costs miss that two neighbouring reuses compound). Each round
-    simulates only the ``shortlist`` cheapest allowed steps by single-step cost, from that step on
-    (the trajectory before it is the current schedule's, kept in memory), with plain reuse of the last
-    computed step's residual. Returns the schedule and the final-latent MSE after each addition."""
-    n_s, n = len(full_traj), num_steps
-    final = _stack_states([full_traj[j][n] for j in range(n_s)]).double()
-    # states of the current schedule: latent before step i, and the residual a reuse at step i injects
-    # (kept in host memory, see offload)
-    xs: list[torch.Tensor] = [_stack_states([full_traj[j][i] for j in range(n_s)]) for i in range(n + 1)]
-    mem: list[Any] = [None] + [(_stack_residuals([residuals[j][i - 1][0] for j in range(n_s)], run.use_cfg),
-                                _stack_residuals([residuals[j][i - 1][1] for j in range(n_s)], run.use_cfg))
-                               for i in range(1, n)]
-    schedule = [False] * n
-    errors: list[float] = []
-
-    def simulate(trial: Sequence[bool], start: int, record: bool) -> float:
-        x, last = xs[start], _on(mem[start], run.device)
-        run.ctx.begin(n, explicit=True)
-        for i in range(start, n):
-            if record:
-                xs[i], mem[i] = x, _on(last, torch.device("cpu"))
-            if trial[i]:
-                v, _ = run.velocity(batch, x, i, inject=last)
-            else:
-                v, res = run.velocity(batch, x, i)
-                last = res
-            x = x + run.dt(i) * v
-        if record:
-            xs[n] = x
-        err = float(((x.double() - final) ** 2).mean())
-        return err if math.isfinite(err) else math.inf
-
-    task = bar.add_task("greedy schedule search", total=reuse_steps) if bar else None
-    for _ in range(reuse_steps):
-        allowed = [c for c in range(n) if costs[c] is not None and not schedule[c]
-                   and _run_allowed(schedule, c, max_consecutive)]
-        if not allowed:
+def pick_schedule(costs: Sequence[float | None], reuse_steps: int, max_consecutive: int) -> list[bool]:
+    """Reuse the ``reuse_steps`` cheapest candidate steps (``costs[c]`` not None), never more than
+    ``max_consecutive`` in a row. Raises naming the limit if the cap leaves too few steps."""
+    schedule = [False] * len(costs)
+    for c in sorted((c for c in range(len(costs)) if costs[c] is not None), key=lambda c: (costs[c], c)):
+        if sum(schedule) == reuse_steps:
             break
-        best, best_err = None, math.inf
-        for c in sorted(allowed, key=lambda c: (costs[c], c))[:max(1, shortlist)]:
-            trial = list(schedule)
-            trial[c] = True
-            err = simulate(trial, c, record=False)
-            if err < best_err or best is None:
-                best, best_err = c, err
-        schedule[best] = True
-        simulate(schedule, best, record=True)  # the new schedule's states from the added step on
-        errors.append(best_err)
-        if bar:
-            bar.advance(task)
+        if _run_allowed(schedule, c, max_consecutive):
+            schedule[c] = True
     if sum(schedule) < reuse_steps:
+        n_cand = sum(c is not None for c in costs)
         raise DiffspeedError(
-            f"reuse_steps={reuse_steps} cannot be met: at most {max_consecutive} reused steps in a row fit "
-            f"{sum(schedule)} of the allowed steps; lower reuse_steps or raise max_consecutive")
-    return schedule, errors
+            f"reuse_steps={reuse_steps} cannot be met: {n_cand} steps may be reused (outside warm-up and final "
+            f"steps) and at most {max_consecutive} in a row fit {sum(schedule)} of them in cost order; lower "
+            "reuse_steps or raise max_consecutive")
+    return schedule
 
 
-__all__ = ["CalibrationBatch", "greedy_schedule", "pick_schedule", "reuse_costs"]
+__all__ = ["CalibrationBatch", "offload", "pick_schedule", "reuse_costs"]
