@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantization import apply_config, flux_width, kernel_profile, speed_inputs, traced_ops  # noqa: E402
+from quantization import (  # noqa: E402
+    apply_config,
+    compile_model,
+    flux_width,
+    kernel_profile,
+    speed_inputs,
+    traced_ops,
+)
 
 CONFIGS: dict[str, tuple[str, dict[str, Any], bool]] = {  # name -> (kind, settings, fuse_qkv first)
     "bf16": ("none", {}, False),
@@ -104,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 if fuse:
                     apply_fuse_qkv(model, FuseQKVConfig(), get_adapter(model))
                 apply_config(model, kind, settings, None)
-                tune = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
-                model.compile(dynamic=False, **({"options": tune} if args.tune_kernels else {}))
+                compile_model(model, "model", args.tune_kernels)
                 inputs = speed_inputs(mname, model, batch, device, dtype)
 
                 def call():

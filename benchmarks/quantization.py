@@ -196,22 +196,14 @@ def apply_config(model: torch.nn.Module, kind: str, settings: dict[str, Any], st
 
 
 def compile_model(model: torch.nn.Module, scope: str = "model", tune: bool = False, mode: str = "default") -> None:
-    """``model``: the whole transformer call as one graph (what dense_baseline measures); ``blocks``:
-    regional compile, each transformer block's call compiled. ``tune``: Inductor's coordinate-descent
-    kernel tuning (what torchao's configs switch on process-wide), for every row alike."""
-    from diffspeed.adapters import get_adapter
+    """diffspeed's ``compile`` method, so rows measure what a recipe runs: ``model`` = the whole
+    transformer call as one graph (what dense_baseline measures), ``blocks`` = regional compile;
+    ``tune`` = Inductor's coordinate-descent kernel tuning (what torchao's configs switch on
+    process-wide), for every row alike. CUDA-graph modes clone each output (the method does it)."""
+    import diffspeed
+    from diffspeed.methods import CompileConfig
 
-    kw: dict[str, Any] = {"dynamic": False}
-    if tune:  # torch.compile takes a mode or options: spell the mode out
-        kw["options"] = {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True,
-                         "coordinate_descent_check_all_directions": True}
-    elif mode != "default":
-        kw["mode"] = mode
-    if scope == "model":
-        model.compile(**kw)
-        return
-    for _, block, _ in get_adapter(model).blocks(model):
-        block.compile(**kw)
+    diffspeed.apply(model, CompileConfig(mode=mode, scope=scope, tune_kernels=tune))
 
 
 # ---- fidelity stage --------------------------------------------------------------------------------
@@ -467,14 +459,10 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                     ref_out = None
                     if compiled:
                         compile_model(model, args.compile_scope, args.tune_kernels, args.compile_mode)
-                    graphs = compiled and args.compile_mode in ("reduce-overhead", "max-autotune")
 
                     def call():
-                        if graphs:  # CUDA graphs: a new step, so the previous replay's outputs may be reused
-                            torch.compiler.cudagraph_mark_step_begin()
                         with torch.no_grad():
-                            out = model(**inputs)
-                        return tuple(o.clone() for o in out) if graphs else out
+                            return model(**inputs)
 
                     call()
                     with track_peak_memory(device) as peak:

@@ -222,7 +222,7 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
                 "`diffspeed quantize --gptq`, which calibrate and quantize in one go")
     # only static scales follow the step: dynamic / weight-only layers need no StepContext, whose
     # auto-mode pre-hook reads the timestep on the host (a sync and, compiled, a graph break)
-    ctx = get_context(model) if config.act == "static" and config.format in W8A8_FORMATS else None
+    ctx = get_context(model) if config.act == "static" else None  # static is w8a8-only (PTQConfig checks)
     report = PTQReport(config.format, skipped=dict(skipped))
     report.weight_bytes_before = model_nbytes(model)
     qmax = 127.0 if config.format == "int8_w8a8" else 448.0
