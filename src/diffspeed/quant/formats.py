@@ -35,15 +35,16 @@ changes: no host sync, no recompile, CUDA-graph safe. The graph indexes the scal
 A layer with no shared group tensor (plain :func:`quantize_linear`) reads the context in Python
 (:meth:`QuantLinear.attach_context`): fine in eager mode.
 
-Why this can beat torchao's path on small DiTs: the activation quantize step (``x / smooth / scale``,
-round, clamp, cast) is purely elementwise, so under ``torch.compile`` inductor fuses it into the
-kernel that produced ``x`` (the adaLN norm + modulation, or the GELU of the MLP). What is left per
-linear is exactly one low-precision GEMM plus a fused epilogue (scale, bias). Whether that wins
-depends on the GEMM sizes: the measured whole-model figures so far (DiT-XL/2 at batch 64, regional
-compile: FP8 0.88x and int8 0.67x of bf16; torchao side by side not measured yet) are in
-``benchmarks/results/quantization.json``. The weight-only formats save memory, not time, at large
-batch: torch's int4 kernel is a small-M (decode) kernel, hence ``int4_kernel="auto"`` = dequantize
-(int4 storage, float GEMM) and the tinygemm kernel only where asked for.
+Under ``torch.compile`` the activation quantize step (``x / smooth / scale``, round, clamp, cast) is
+elementwise after a row reduction, so inductor fuses it into the kernel that produced ``x`` (the adaLN
+norm + modulation, or the GELU of the MLP); what is left per linear is one low-precision GEMM with a
+fused epilogue (scale, bias). Those fused reductions are only fast with Inductor's coordinate-descent
+tuning (``CompileConfig(tune_kernels=True)``; torchao turns it on process-wide). Whether the format
+wins depends on the GEMM sizes (measured figures, torchao side by side: ``benchmarks/results/
+quantization.json``; FLUX width FP8 1.36x, DiT-XL/2 FP8 below 1x). The weight-only formats save
+memory, not time, at large batch: torch's int4 kernel is a small-M (decode) kernel, hence
+``int4_kernel="auto"`` = dequantize (int4 storage, float GEMM) and the tinygemm kernel only where
+asked for.
 
 SmoothQuant (see :mod:`diffspeed.quant.smoothquant`): an optional ``smooth`` buffer divides the
 input per in-feature while the weight's columns were multiplied by the same factors before
@@ -511,20 +512,19 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
             q, sz = gptq_int4(w, hessian, group_size, gptq_damp)
         else:
             q, sz = _int4_groups(w, group_size)
+        packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()  # high nibble = even column
+        float_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
         if resolve_int4_kernel(int4_kernel) == "dequant":
-            ql.register_buffer("qweight", ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous())
-            sz_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-            ql.register_buffer("scales_and_zeros", sz.to(sz_dtype))
+            ql.register_buffer("qweight", packed_u8)
+            ql.register_buffer("scales_and_zeros", sz.to(float_dtype))
             ql.int4_layout = "dequant"
         elif device.type == "cuda":
-            packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-            ql.register_buffer("qweight", torch._convert_weight_to_int4pack(packed_u8.contiguous(), _int4_inner_k_tiles(k)))
+            ql.register_buffer("qweight", torch._convert_weight_to_int4pack(packed_u8, _int4_inner_k_tiles(k)))
             ql.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
             ql.int4_layout = "cuda"
-        else:
+        else:  # the CPU kernel packs from the unpacked [N, K] int32 codes
             ql.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
-            sz_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-            ql.register_buffer("scales_and_zeros", sz.to(sz_dtype))
+            ql.register_buffer("scales_and_zeros", sz.to(float_dtype))
             ql.int4_layout = "cpu"
     ql.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
     ql.fused_bias = (fmt == "fp8_w8a8" and linear.bias is not None and device.type == "cuda"

@@ -84,6 +84,27 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise DiffspeedError("GPTQ: the input second-moment matrix is not positive definite even after damping")
 
 
+def _sweep(w: torch.Tensor, h: torch.Tensor, damp: float,
+           round_col: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """GPTQ's column sweep over a copy of ``w``: ``round_col(i, W)`` quantizes column ``i`` of the
+    error-updated weights ``W`` (recording its codes) and returns the dequantized column; the rounding
+    error is pushed onto the later columns through ``H^-1``, lazily per block of ``_BLOCK`` columns."""
+    n, k = w.shape
+    if tuple(h.shape) != (k, k):
+        raise DiffspeedError(f"GPTQ: Hessian shape {tuple(h.shape)} does not match in_features {k}")
+    hinv = _inverse_cholesky(h.to(w.device), damp).float()
+    W = w.detach().float().clone()
+    for b0 in range(0, k, _BLOCK):
+        b1 = min(b0 + _BLOCK, k)
+        err_block = torch.zeros(n, b1 - b0, device=w.device)
+        for i in range(b0, b1):
+            err = (W[:, i] - round_col(i, W)) / hinv[i, i]
+            W[:, i + 1:b1] -= err[:, None] * hinv[i, i + 1:b1][None, :]
+            err_block[:, i - b0] = err
+        if b1 < k:
+            W[:, b1:] -= err_block @ hinv[b0:b1, b1:]
+
+
 @torch.no_grad()
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales_and_zeros)`` in :func:`diffspeed.quant.formats._int4_groups`'s convention
@@ -92,31 +113,22 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float = 0
     n, k = w.shape
     if k % group_size:
         raise DiffspeedError(f"GPTQ int4: in_features {k} is not divisible by the group size {group_size}")
-    if tuple(h.shape) != (k, k):
-        raise DiffspeedError(f"GPTQ: Hessian shape {tuple(h.shape)} does not match in_features {k}")
-    hinv = _inverse_cholesky(h.to(w.device), damp).float()
-    W = w.detach().float().clone()
     q = torch.zeros(n, k, dtype=torch.int32, device=w.device)
     scales = torch.zeros(k // group_size, n, device=w.device)
     los = torch.zeros(k // group_size, n, device=w.device)
-    for b0 in range(0, k, _BLOCK):
-        b1 = min(b0 + _BLOCK, k)
-        err_block = torch.zeros(n, b1 - b0, device=w.device)
-        for i in range(b0, b1):
-            g = i // group_size
-            if i % group_size == 0:  # this group's grid, from its current (error-updated) weights
-                blk = W[:, i:i + group_size]
-                lo, hi = blk.amin(dim=1), blk.amax(dim=1)
-                scales[g] = ((hi - lo) / 15.0).clamp_min(1e-12)
-                los[g] = lo
-            col = W[:, i]
-            qi = ((col - los[g]) / scales[g]).round().clamp(0, 15)
-            q[:, i] = qi.to(torch.int32)
-            err = (col - (qi * scales[g] + los[g])) / hinv[i, i]
-            W[:, i + 1:b1] -= err[:, None] * hinv[i, i + 1:b1][None, :]
-            err_block[:, i - b0] = err
-        if b1 < k:
-            W[:, b1:] -= err_block @ hinv[b0:b1, b1:]
+
+    def round_col(i: int, W: torch.Tensor) -> torch.Tensor:
+        g = i // group_size
+        if i % group_size == 0:  # this group's grid, from its current (error-updated) weights
+            blk = W[:, i:i + group_size]
+            lo, hi = blk.amin(dim=1), blk.amax(dim=1)
+            scales[g] = ((hi - lo) / 15.0).clamp_min(1e-12)
+            los[g] = lo
+        qi = ((W[:, i] - los[g]) / scales[g]).round().clamp(0, 15)
+        q[:, i] = qi.to(torch.int32)
+        return qi * scales[g] + los[g]
+
+    _sweep(w, h, damp, round_col)
     zeros = los + 8.0 * scales
     return q, torch.stack([scales, zeros], dim=-1).contiguous()
 
@@ -126,25 +138,16 @@ def gptq_int8_rows(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01) -> tupl
     """``(q int8 [N, K], scale fp32 [N])`` in :func:`diffspeed.quant.formats._int8_rows`'s convention,
     with GPTQ's error feedback (the row scales come from the original weights)."""
     n, k = w.shape
-    if tuple(h.shape) != (k, k):
-        raise DiffspeedError(f"GPTQ: Hessian shape {tuple(h.shape)} does not match in_features {k}")
-    hinv = _inverse_cholesky(h.to(w.device), damp).float()
-    W = w.detach().float().clone()
-    scale = W.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    scale = w.detach().float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
     q = torch.zeros(n, k, dtype=torch.int8, device=w.device)
-    for b0 in range(0, k, _BLOCK):
-        b1 = min(b0 + _BLOCK, k)
-        err_block = torch.zeros(n, b1 - b0, device=w.device)
-        for i in range(b0, b1):
-            col = W[:, i]
-            qi = (col / scale).round().clamp(-127, 127)
-            q[:, i] = qi.to(torch.int8)
-            err = (col - qi * scale) / hinv[i, i]
-            W[:, i + 1:b1] -= err[:, None] * hinv[i, i + 1:b1][None, :]
-            err_block[:, i - b0] = err
-        if b1 < k:
-            W[:, b1:] -= err_block @ hinv[b0:b1, b1:]
-    return q, scale.float()
+
+    def round_col(i: int, W: torch.Tensor) -> torch.Tensor:
+        qi = (W[:, i] / scale).round().clamp(-127, 127)
+        q[:, i] = qi.to(torch.int8)
+        return qi * scale
+
+    _sweep(w, h, damp, round_col)
+    return q, scale
 
 
 def calibrate_hessians(loaded: Any, fqns: Sequence[str], *, seeds: Sequence[int], labels: Sequence[Any],
