@@ -105,30 +105,27 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.view(b, h, nb, block_size, d)
 
 
+def _block_means(xb: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block means (B, H, Nb, D) fp32 of blocked ``xb`` (B, H, Nb, bs, D) over its ``n`` real
+    (unpadded) tokens, and log n_j (Nb,) fp32."""
+    nb, block_size = xb.shape[2], xb.shape[3]
+    counts = torch.full((nb,), float(block_size), device=xb.device)
+    counts[-1] = n - (nb - 1) * block_size
+    return xb.sum(3, dtype=torch.float32) / counts[:, None], counts.log()
+
+
 def _estimates(
     qb: torch.Tensor, kb: torch.Tensor, n: int, block_size: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled scores est (B, H, Nb, Nb) and log n_j (Nb,) per key block."""
-    nb = qb.shape[2]
-    counts = torch.full((nb,), float(block_size), device=qb.device)
-    counts[-1] = n - (nb - 1) * block_size
-    qm = qb.sum(3) / counts[:, None]
-    km = kb.sum(3) / counts[:, None]
-    est = torch.matmul(qm, km.transpose(-1, -2)) * scale
-    return est, counts.log()
+    qm, log_counts = _block_means(qb, n)
+    km, _ = _block_means(kb, n)
+    return torch.matmul(qm, km.transpose(-1, -2)) * scale, log_counts
 
 
 def _pool(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block means (B, H, Nb, D) fp32 over the real tokens, and log n_j (Nb,) fp32."""
-    b, h, n, d = x.shape
-    nb = -(-n // block_size)
-    pad = nb * block_size - n
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    counts = torch.full((nb,), float(block_size), device=x.device)
-    counts[-1] = n - (nb - 1) * block_size
-    means = x.view(b, h, nb, block_size, d).sum(3, dtype=torch.float32) / counts[:, None]
-    return means, counts.log()
+    return _block_means(_blocks(x, block_size), x.shape[2])
 
 
 _POOLED_CHUNK_BYTES = 256 * 2**20  # fp32 pooled scores materialised at once (flex path)
@@ -257,7 +254,8 @@ def block_sparse_attention(
     acc = torch.zeros((b, h, nb, block_size, dv), device=device)
     active = torch.ones((b, h, nb), dtype=torch.bool, device=device)
     computed = torch.zeros((), device=device)
-    steps_done = torch.zeros((b, h, nb), dtype=torch.long, device=device)  # ranking positions computed
+    # ranking positions computed per query block (only compensation needs them)
+    steps_done = torch.zeros((b, h, nb), dtype=torch.long, device=device) if compensate else None
     for t in range(nb):
         idx = order[..., t]  # (B, H, Nb)
         gidx = idx[..., None, None].expand(b, h, nb, block_size, d)
@@ -275,7 +273,8 @@ def block_sparse_attention(
         l = torch.where(a, l_new, l)
         acc = torch.where(a[..., None], acc_new, acc)
         computed = computed + active.sum()
-        steps_done = steps_done + active
+        if steps_done is not None:
+            steps_done = steps_done + active
         if t == nb - 1 or threshold == 0:
             continue  # exact mode: every block stays active, no stopping test (and no host sync)
         # estimated share of what is left, per row, relative to the running normaliser
@@ -289,8 +288,8 @@ def block_sparse_attention(
         # key blocks each query block did not compute: ranking positions >= steps_done
         rem_ranked = torch.arange(nb, device=device) >= steps_done[..., None]  # (B, H, Nb, Nb), rank order
         skipped = torch.zeros_like(rem_ranked).scatter(-1, order, rem_ranked)  # key-block order
-        km, log_n = _pool(k, block_size)
-        vm, _ = _pool(v, block_size)
+        km, log_n = _block_means(kb, n)  # the fp32 blocks already made for the ranking
+        vm, _ = _block_means(vb, n)
         # pooled scores per query token against every key block; only skipped blocks count
         sc = torch.matmul(qb, km.transpose(-1, -2)[:, :, None]) * scale + log_n  # (B, H, Nb, bs, Nb)
         sc = sc.masked_fill(~skipped[..., None, :], -math.inf)
