@@ -164,19 +164,19 @@ class FusedJointAttnProcessor:
 # ---- planning -------------------------------------------------------------------------------------
 
 
-def _fused_processor_for(attn: nn.Module, cross: bool) -> tuple[Callable[[], Any] | None, str] | str:
-    """``(factory of the fused processor or None to keep the current one, kind)``, or why not."""
+def _fused_processor_for(attn: nn.Module, cross: bool) -> tuple[Callable[[], Any] | None] | str:
+    """``(factory of the fused processor, or None to keep the current one,)``, or why not."""
     from diffusers.models import attention_processor as ap
 
     proc = getattr(attn, "processor", None)
     cls = type(proc)
     name = f"{cls.__module__}.{cls.__qualname__}"
     if cls is ap.AttnProcessor2_0:
-        return ap.FusedAttnProcessor2_0, "attn"
+        return (ap.FusedAttnProcessor2_0,)
     if cls is ap.JointAttnProcessor2_0 and not cross:
-        return FusedJointAttnProcessor, "joint"
+        return (FusedJointAttnProcessor,)
     if cls is ap.CogVideoXAttnProcessor2_0 and not cross:
-        return ap.FusedCogVideoXAttnProcessor2_0, "cogvideox"
+        return (ap.FusedCogVideoXAttnProcessor2_0,)
     # processors that read attn.fused_projections themselves
     try:
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -187,9 +187,9 @@ def _fused_processor_for(attn: nn.Module, cross: bool) -> tuple[Callable[[], Any
     except ImportError:  # pragma: no cover - older diffusers
         WanAttnProcessor = None  # type: ignore[assignment,misc]
     if FluxAttnProcessor is not None and cls is FluxAttnProcessor and not cross:
-        return None, "flux"
+        return (None,)
     if WanAttnProcessor is not None and cls is WanAttnProcessor:
-        return None, "wan"
+        return (None,)
     return f"processor {name} has no fused counterpart"
 
 
@@ -198,7 +198,7 @@ def _plain_linear(m: Any) -> bool:
             and m.weight.dtype.is_floating_point)
 
 
-def _plan(attn: nn.Module, include_cross: bool) -> tuple[Callable[[], Any] | None, str, bool] | str:
+def _plan(attn: nn.Module, include_cross: bool) -> tuple[Callable[[], Any] | None, bool] | str:
     cross = bool(getattr(attn, "is_cross_attention", False))
     if not callable(getattr(attn, "fuse_projections", None)):
         return f"{type(attn).__name__} has no fuse_projections()"
@@ -221,8 +221,7 @@ def _plan(attn: nn.Module, include_cross: bool) -> tuple[Callable[[], Any] | Non
     found = _fused_processor_for(attn, cross)
     if isinstance(found, str):
         return found
-    factory, kind = found
-    return factory, kind, cross
+    return found[0], cross
 
 
 def _fuse_one(attn: nn.Module, factory: Callable[[], Any] | None) -> tuple[Callable[[], None], list[str]]:
@@ -267,7 +266,7 @@ def _fuse_one(attn: nn.Module, factory: Callable[[], Any] | None) -> tuple[Calla
 def apply_fuse_qkv(model: nn.Module, config: FuseQKVConfig, adapter: ModelAdapter) -> MethodHandle:
     handle = MethodHandle(model, config)
     skipped: dict[str, str] = {}
-    planned: list[tuple[str, nn.Module, Callable[[], Any] | None, str, bool]] = []
+    planned: list[tuple[str, nn.Module, Callable[[], Any] | None, bool]] = []
     seen: set[int] = set()
     for fqn, attn in adapter.attention_modules(model):
         if id(attn) in seen:
@@ -293,7 +292,7 @@ def apply_fuse_qkv(model: nn.Module, config: FuseQKVConfig, adapter: ModelAdapte
                              "projection_gemms_removed": 0, "extra_weight_mb": 0.0}
     undos: list[Callable[[], None]] = []
     try:
-        for fqn, attn, factory, kind, cross in planned:
+        for _, attn, factory, cross in planned:
             undo, created = _fuse_one(attn, factory)
             undos.append(undo)
             stats["fused_modules"] += 1
