@@ -47,10 +47,11 @@ query block)::
 (``n_j`` = real keys of block ``j``, ``mean_v_j`` = mean of ``v`` over them.) This is exact when a
 block's keys are all equal (then ``sum_x' exp(q . k_x') v_x' = n_j exp(q . mean_k_j) mean_v_j`` for
 any ``v``) and a first-order (Jensen: under-estimating) approximation when they are spread.
-Caveat (CPU, q/k/v captured from the reference video model, post-RoPE): within a 64-128-token block
-``|mean_k|`` is only ~0.55-0.65 of ``|k|`` and the pooled estimate recovers ~1/6 of the dropped mass,
-so there the error drops only a little (e.g. 4096 tokens, threshold 0.05: 7.97% -> 7.88%); on
-block-smooth keys it removes most of it. The pooled part costs ``N x N / block_size`` scores. The
+Caveat: on q/k/v captured from the reference video model (post-RoPE) a block's keys are spread, so
+``|mean_k|`` under-states them and the pooled estimate recovers little of the dropped mass; the error
+drops only a little (CPU, 4096 tokens, head dim 64, block 128: threshold 0.05 7.97% -> 7.88%, 0.2
+14.8% -> 14.4%, ``benchmarks/results/attention_compensate_cpu.json``); on block-smooth keys it
+removes most of it (tests). The pooled part costs ``N x N / block_size`` scores. The
 reference path folds it into its fp32 online-softmax accumulator after the early stop; the flex
 path computes the sparse part with its log-sum-exp and merges the two exactly::
 
