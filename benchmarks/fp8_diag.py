@@ -8,7 +8,10 @@ CUDA events, and profiled once; the top kernels by device time go into the JSON.
 
     python benchmarks/fp8_diag.py --out fp8_diag.json   # needs a CUDA GPU with FP8 (sm89+)
 
-Variants of our path (``ours:<variant>``): ``default`` is the shipped ``QuantLinear``;
+Variants of our path: ``ours fp8`` is the shipped ``QuantLinear`` (FFN GELU fused into a one-pass
+row-wise quantization kernel, other inputs quantized by Inductor-fused torch ops); ``all-op`` uses the
+kernel for every input; ``no-gelu-fusion`` keeps the GELU separate; ``inductor-quant`` is
+the session-4 path (quantization as torch ops that Inductor fuses into their producers);
 ``+fuse_qkv`` fuses q/k/v before quantizing (one activation quantization and one GEMM per attention).
 """
 
@@ -41,21 +44,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], bool]] = {  # name -> (kind, setti
     "ours fp8": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False),
     "ours fp8+fuse_qkv": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, True),
     "torchao fp8_dynamic_row": ("torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}, False),
-    "ours fp8 bf16-amax": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False),
+    "ours fp8 no-gelu-fusion": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False),
+    "ours fp8 all-op": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False),
+    "ours fp8 inductor-quant": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False),
     "ours int8_w8a8": ("ptq", {"format": "int8_w8a8", "act": "dynamic"}, False),
     "ours int4 dequant": ("ptq", {"format": "int4_weight_only", "group_size": 128, "int4_kernel": "dequant"}, False),
 }
-
-
-def _fp8_bf16_amax(self, x2: torch.Tensor) -> torch.Tensor:
-    """Variant: the row max and the scale taken in the input dtype (as torchao does), the division in fp32."""
-    from diffspeed.quant.formats import FP8_FAST_ACCUM, FP8_MAX
-
-    scale = (x2.abs().amax(dim=-1, keepdim=True) / FP8_MAX).float().clamp_min(1e-12)
-    xs = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    bias = self.bias.to(torch.bfloat16) if self.fused_bias else None
-    return torch._scaled_mm(xs, self.qweight.t(), scale_a=scale, scale_b=self.w_scale.reshape(1, -1), bias=bias,
-                            out_dtype=torch.bfloat16, use_fast_accum=FP8_FAST_ACCUM)
 
 
 def build(name: str, blocks: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -101,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "batch": batch, "config": cname, "device": torch.cuda.get_device_name(),
                                    "tuned_kernels": args.tune_kernels}
             t0 = time.perf_counter()
-            from diffspeed.quant.formats import QuantLinear
+            from diffspeed.quant import formats
 
-            orig = QuantLinear._fp8_w8a8
-            if cname.endswith("bf16-amax"):
-                QuantLinear._fp8_w8a8 = _fp8_bf16_amax
+            formats.FP8_ACT_KERNEL = ("inductor" if cname.endswith("inductor-quant") else
+                                      "op" if cname.endswith("all-op") else "auto")
             try:
                 model = copy.deepcopy(pristine)
                 if fuse:
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 row.update(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             finally:
-                QuantLinear._fp8_w8a8 = orig
+                formats.FP8_ACT_KERNEL = "auto"
                 torch._dynamo.reset()
             row["row_s"] = round(time.perf_counter() - t0, 1)
             rows.append(row)

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements still pending after session 4, one stage per device call (each ends < 9 min).
+# The GPU measurements still pending after session 5, one stage per device call (each ends < 9 min).
 # Run from the repository root on the GPU machine with `.whl/` carried (diffusers, cache-dit, torchao,
 # importlib_metadata wheels); every stage writes its files under $OUT (at most 8 files per call).
 #
-#   OUT=$OUT bash scripts/gpu_pending.sh fp8fix     # issue 6: DiT-XL/2 b64 bf16 vs ptq fp8 after the session-4 sync fix, also under CUDA graphs
 #   OUT=$OUT bash scripts/gpu_pending.sh quant      # issue 6: FLUX width first, then DiT-XL/2 batch 1 and 64
 #   OUT=$OUT bash scripts/gpu_pending.sh quantfid   # issue 6: GPTQ vs round-to-nearest fidelity rows in bf16
 #   OUT=$OUT bash scripts/gpu_pending.sh fp8profile # issue 6: where ours vs torchao's fp8 step time goes (DiT-XL/2 b64)
@@ -12,18 +11,11 @@
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 fp8fix|erta25|quant|quantfid|fp8profile|tokens|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 erta25|quant|quantfid|fp8profile|tokens|attention|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
 case "$STAGE" in
-  fp8fix)
-    python3 benchmarks/quantization.py --stages speed --speed-models dit-xl-2 --dit-batches 64 --configs fp8_w8a8 --profile \
-      --budget-s 200 --hard-limit-s 230 --out "$OUT/quant_fp8fix.json"
-    python3 benchmarks/quantization.py --stages speed --speed-models dit-xl-2 --dit-batches 64 --configs fp8_w8a8 \
-      --compile-mode reduce-overhead --budget-s 150 --hard-limit-s 170 --out "$OUT/quant_fp8_graphs.json"
-    python3 benchmarks/fp8_diag.py --models dit-xl-2 --dit-blocks 4 --tune-kernels --configs "bf16,ours fp8,ours fp8+fuse_qkv" \
-      --budget-s 100 --out "$OUT/fp8_diag_tuned4.json" ;;
   quant)
     python3 benchmarks/quantization.py --stages speed --speed-models flux-width,dit-xl-2 --dit-batches 1,64 \
       --flux-batch 2 --configs "fp8_w8a8,int8_w8a8,int4,torchao" --budget-s 500 --hard-limit-s 530 \

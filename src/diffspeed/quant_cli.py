@@ -247,7 +247,7 @@ def _apply_plan(model: Any, plan: Any) -> Any:
     report.quantized_bytes_before = q_before
     report.weight_bytes_before = before
     report.weight_bytes_after = model_nbytes(model)
-    _applied(model)[PTQConfig.method] = _finish(model, PTQConfig(format=report.format), report)
+    _applied(model)[PTQConfig.method] = _finish(model, PTQConfig(format=report.format, fuse_gelu=False), report)
     return report
 
 
@@ -264,6 +264,7 @@ def quantize(
     gptq_seeds: int = typer.Option(8, help="--gptq: calibration samples (seeds 9000.., classes cycled)"),
     gptq_steps: int = typer.Option(25, help="--gptq: sampling steps of each calibration generation"),
     int4_kernel: str = typer.Option("auto", help="int4: auto (= dequant) | tinygemm (torch's small-M int4 kernel) | dequant (int4 storage, float GEMM)"),
+    fuse_gelu: bool = typer.Option(True, "--fuse-gelu/--no-fuse-gelu", help="dynamic fp8: run each FFN's tanh GELU inside the one-pass activation-quantization kernel"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="regex of layers to quantize even if sensitive (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="regex of layers to keep in float (repeatable)"),
     keep_sensitive: bool = typer.Option(True, "--keep-sensitive/--quantize-sensitive", help="keep embeddings, adaLN modulation and final layers in float"),
@@ -318,7 +319,8 @@ def quantize(
                            calibration=str(calibration.resolve()) if calibration is not None else None,
                            smooth_alpha=None if auto_alpha else smooth_alpha,
                            include=tuple(include or ()), exclude=tuple(exclude or ()),
-                           skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel, gptq=gptq)
+                           skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel, gptq=gptq,
+                           fuse_gelu=fuse_gelu)
         if calibration is not None:
             from .quant.calibration import ActivationStats
 

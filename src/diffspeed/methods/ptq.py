@@ -70,6 +70,9 @@ class PTQConfig(MethodConfig):
         ``apply`` cannot collect: use :func:`diffspeed.methods.ptq.ptq_gptq_` (or ``diffspeed quantize
         --gptq``), which calibrates and quantizes; the saved checkpoint then loads like any other.
     gptq_damp: GPTQ's dampening, a fraction of the mean diagonal of the second moment added to it.
+    fuse_gelu: (dynamic fp8) run each FFN's tanh GELU inside the next layer's one-pass activation
+        quantization kernel instead of as its own pass over the 4x-wide hidden activations
+        (:mod:`diffspeed.quant.act_fusion`); exact up to the bf16 rounding of the GELU output it skips.
     """
 
     method: ClassVar[str] = "ptq_"
@@ -90,6 +93,7 @@ class PTQConfig(MethodConfig):
     int4_kernel: str = "auto"
     gptq: bool = False
     gptq_damp: float = 0.01
+    fuse_gelu: bool = True
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -128,6 +132,7 @@ class PTQConfig(MethodConfig):
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
                 or not 0.0 < float(self.gptq_damp) <= 1.0:
             raise DiffspeedError(f"ptq_ gptq_damp must be a number in (0, 1] (0.01 is typical), got {self.gptq_damp!r}")
+        require_bool("ptq_", "fuse_gelu", self.fuse_gelu)
         if self.int4_kernel not in INT4_KERNELS:
             raise DiffspeedError(f"ptq_ int4_kernel must be one of {', '.join(INT4_KERNELS)}; got {self.int4_kernel!r}")
 
@@ -140,6 +145,7 @@ class PTQReport:
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # fqn -> op that runs
+    fused_gelu: list[str] = field(default_factory=list)  # GELUs moved into the next fp8 layer
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     quantized_bytes_before: int = 0  # weight storage of the quantized layers only
@@ -239,14 +245,23 @@ def _quantize(model: nn.Module, config: PTQConfig, fqns: list[str], skipped: dic
                              hessian=hessians[f] if config.gptq else None, gptq_damp=config.gptq_damp)
         new.append(_install(model, f, lin, ql, ctx, report))
     attach_step_group(model, new, ctx)
+    _maybe_fuse_gelu(model, config, report)
     report.quantized = list(fqns)
     report.weight_bytes_after = model_nbytes(model)
     return report
 
 
+def _maybe_fuse_gelu(model: nn.Module, config: PTQConfig, report: PTQReport) -> None:
+    if config.fuse_gelu and config.format == "fp8_w8a8" and config.act == "dynamic":
+        from ..quant.act_fusion import fuse_gelu_into_fp8_
+
+        report.fused_gelu = fuse_gelu_into_fp8_(model)
+
+
 def _finish(model: nn.Module, config: PTQConfig, report: PTQReport) -> MethodHandle:
     handle = _finish_quantized(model, config, report)
     handle.stats["kernels"] = ", ".join(sorted(set(report.kernels.values())))
+    handle.stats["fused_gelu"] = len(report.fused_gelu)
     return handle
 
 
@@ -323,7 +338,7 @@ def save_ptq(model: nn.Module, path: str | Path) -> Path:
         if isinstance(m, QuantLinear):
             layers[f] = {"format": m.fmt, "act": m.act, "group_size": m.group_size, "kernel": m.kernel,
                          "int4_layout": m.int4_layout, "in_features": m.in_features, "out_features": m.out_features,
-                         "smooth": m.smooth is not None, "bias": m.bias is not None,
+                         "smooth": m.smooth is not None, "bias": m.bias is not None, "input_gelu": m.input_gelu,
                          "act_groups": 0 if m.act_scale is None else int(m.act_scale.numel()) - 1}
     meta = {"diffspeed_ptq": PTQ_FORMAT_VERSION, "config": handle.config.to_dict(), "layers": layers,
             "model_class": type(getattr(model, "_orig_mod", model)).__name__, "torch_version": torch.__version__}
@@ -403,6 +418,12 @@ def load_ptq_(model: nn.Module, path: str | Path) -> PTQReport:
         _load_into(state, list(model.named_parameters()) + list(model.named_buffers()), problems)
     _raise_problems(src, problems, state, "; the model's linears are now partly replaced: reload it")
     attach_step_group(model, new, ctx)
+    _maybe_fuse_gelu(model, config, report)
+    for f, info in layers.items():
+        got = model.get_submodule(f).input_gelu
+        if info.get("input_gelu", got) != got:  # checkpoints from before the fusion carry no entry
+            raise WeightFileError(f"{src}: layer {f!r} was saved with input_gelu={info['input_gelu']!r} but the "
+                                  f"model's structure gives {got!r}; the model's FFN differs from the saved one")
     report.weight_bytes_after = model_nbytes(model)
     applied[config.method] = _finish(model, config, report)
     return report

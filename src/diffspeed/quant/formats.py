@@ -71,6 +71,12 @@ FP8_MAX = 448.0  # float8 e4m3fn
 # fp8 GEMMs accumulate with Hopper's fast (lower-precision) accumulation, as torchao's inference
 # configs do: without it the fp8 GEMM loses most of its speed advantage over bf16 on the H100
 FP8_FAST_ACCUM = True
+# how dynamic fp8 layers quantize their input: "op" = diffspeed's one-pass row-wise Triton kernel
+# (kernels/fp8_quant.py); "inductor" = torch ops that torch.compile fuses into the producer's kernel
+# (good after a norm; a slow two-pass looped reduction after the FFN's GELU on wide rows); "auto" =
+# the kernel for GELU-fused FFN inputs, torch ops elsewhere (measured best, fp8_diag.json session 5)
+FP8_ACT_KERNELS: tuple[str, ...] = ("auto", "op", "inductor")
+FP8_ACT_KERNEL = "auto"
 INT8_MAX = 127.0
 INT8_CAST_KERNEL = "F.linear(int8 weight cast to the activation dtype: a float GEMM)"
 INT4_DEQUANT_KERNEL = "F.linear(int4 weight dequantized to the activation dtype: a float GEMM)"
@@ -243,6 +249,9 @@ class QuantLinear(nn.Module):
         self.fused_bias = False
         self._ctx: Any = None  # the model's StepContext (static activation scales, eager path)
         self._group: Any = None  # shared holder whose .t is a 0-d int64 device tensor (compile path)
+        # "tanh": the input is the FFN's pre-activation; the tanh GELU runs inside the quantization
+        # (set by ptq_'s fuse_gelu on dynamic fp8 layers, see diffspeed.quant.act_fusion)
+        self.input_gelu = "none"
 
     # -- context -----------------------------------------------------------------------------------
     def attach_context(self, ctx: Any) -> None:
@@ -297,16 +306,25 @@ class QuantLinear(nn.Module):
         return acc.float() * (scale * self.w_scale)
 
     def _fp8_w8a8(self, x2: torch.Tensor) -> torch.Tensor:
-        xf, scale = self._act_input(x2, FP8_MAX)
-        m = xf.shape[0]
-        scale_a = scale.expand(m, 1)
-        xs, _ = _pad_rows((xf / scale).clamp(-FP8_MAX, FP8_MAX), 16, 16)  # pad in float, then cast
-        if xs.shape[0] != m:
-            scale_a = F.pad(scale_a, (0, 0, 0, xs.shape[0] - m), value=1.0)
+        m = x2.shape[0]
+        use_op = FP8_ACT_KERNEL == "op" or (FP8_ACT_KERNEL == "auto" and self.input_gelu != "none")
+        if self.act == "dynamic" and use_op:
+            from ..kernels.fp8_quant import rowwise_fp8
+
+            xp, _ = _pad_rows(x2, 16, 16)  # zero rows quantize to zero codes
+            codes, scale_a = rowwise_fp8(xp, self.smooth, self.input_gelu)
+        else:
+            if self.input_gelu == "tanh":
+                x2 = F.gelu(x2, approximate="tanh")
+            xf, scale = self._act_input(x2, FP8_MAX)
+            scale_a = scale.expand(m, 1)
+            xs, _ = _pad_rows((xf / scale).clamp(-FP8_MAX, FP8_MAX), 16, 16)  # pad in float, then cast
+            if xs.shape[0] != m:
+                scale_a = F.pad(scale_a, (0, 0, 0, xs.shape[0] - m), value=1.0)
+            codes, scale_a = xs.to(torch.float8_e4m3fn), scale_a.float().contiguous()
         bias = self.bias.to(torch.bfloat16) if self.fused_bias else None
-        out = torch._scaled_mm(xs.to(torch.float8_e4m3fn), self.qweight.t(), scale_a=scale_a.float().contiguous(),
-                               scale_b=self.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16,
-                               use_fast_accum=FP8_FAST_ACCUM)
+        out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scale_a, scale_b=self.w_scale.reshape(1, -1),
+                               bias=bias, out_dtype=torch.bfloat16, use_fast_accum=FP8_FAST_ACCUM)
         return out[:m]
 
     def _int8_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
@@ -502,6 +520,10 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
         ql.register_buffer("qweight", q.contiguous())
         ql.register_buffer("w_scale", scale if fmt == "int8_w8a8" else scale.to(weight.dtype))
     elif fmt == "fp8_w8a8":
+        if device.type == "cuda":  # register the Triton quantization op now, outside any compile trace
+            from ..kernels.fp8_quant import prepare_cuda_path
+
+            prepare_cuda_path()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
         ql.register_buffer("qweight", (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous())
         ql.register_buffer("w_scale", scale.float())
