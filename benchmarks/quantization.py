@@ -4,7 +4,7 @@ applies it: every linear layer, no calibration, no compensation - ``quantize_`` 
 ``skip_sensitive=False`` quantizes exactly the layers ``from_pretrained(..., quantization_config=
 TorchAoConfig(...))`` does, checked in ``tests/test_quantize.py``), on speed, memory and fidelity.
 
-Two stages (``--stages``), both written as rows of one JSON list (``--out``):
+Three stages (``--stages``), all written as rows of one JSON list (``--out``):
 
 * ``fidelity`` - reference-image (the shipped trained DiT) in bf16 on the GPU (fp32 on CPU):
   ``--samples`` class-balanced samples, ``--steps`` flow-matching Euler steps, CFG ``--guidance``;
@@ -20,6 +20,10 @@ Two stages (``--stages``), both written as rows of one JSON list (``--out``):
   and a FLUX-width config (hidden 3072, 4096 image + 512 text tokens, ``--flux-blocks`` double +
   single blocks) at ``--flux-batch``. Latency of one transformer call (median of CUDA-event timed
   calls), peak memory, weight MB.
+
+* ``size`` - the ``--speed-models`` configs' transformer weight bytes per format (real size, random weights, bf16), with
+  the default layer selection and with every linear quantized (``skip_sensitive=False``). Storage
+  only: the same on any device.
 
 ``low_precision_kernel`` is true only if a profiler trace of one call shows a low-bit GEMM op or
 kernel (``_int_mm``, ``_scaled_mm``, int4/int8 pack mm, or an int8/fp8 GEMM kernel name): a config
@@ -68,12 +72,28 @@ FIDELITY_CONFIGS = (
     ("ptq int8_weight_only", False, "ptq", {"format": "int8_weight_only"}),
     ("ptq int4_weight_only g32", False, "ptq", {"format": "int4_weight_only", "group_size": 32}),
     ("ptq int4_weight_only g64", False, "ptq", {"format": "int4_weight_only", "group_size": 64}),
+    # every linear, adaLN modulation and final layer included: what the whole transformer's int4 size needs
+    ("ptq int4_weight_only g32 all linears", False, "ptq", {"format": "int4_weight_only", "group_size": 32,
+                                                            "skip_sensitive": False}),
+    ("ptq int4_weight_only g32 all linears + int8 embeddings", False, "ptq",
+     {"format": "int4_weight_only", "group_size": 32, "skip_sensitive": False, "quantize_embeddings": True}),
     # the coarsest group torch's int4 kernel takes at width 1152: where plain PTQ loses most (compensation target)
     ("ptq int4_weight_only g128", False, "ptq", {"format": "int4_weight_only", "group_size": 128}),
     # GPTQ error-compensating rounding, second moments over the calibration seeds' whole trajectories
     ("ptq int4_weight_only g32 +gptq", False, "ptq_gptq", {"format": "int4_weight_only", "group_size": 32}),
     ("ptq int4_weight_only g64 +gptq", False, "ptq_gptq", {"format": "int4_weight_only", "group_size": 64}),
     ("ptq int8_w8a8 dynamic +gptq", False, "ptq_gptq", {"format": "int8_w8a8", "act": "dynamic"}),
+    ("ptq int4_weight_only g32 all linears +gptq", False, "ptq_gptq",
+     {"format": "int4_weight_only", "group_size": 32, "skip_sensitive": False}),
+)
+SIZE_CONFIGS = (  # (name, settings): storage only, so any device measures it
+    ("bf16", None),
+    ("ptq int8 (w8a8 / weight-only; fp8 stores the same bytes)", {"format": "int8_weight_only"}),
+    ("ptq int4_weight_only g128", {"format": "int4_weight_only", "group_size": 128}),
+    ("ptq int4_weight_only g128 all linears", {"format": "int4_weight_only", "group_size": 128, "skip_sensitive": False}),
+    ("ptq int4_weight_only g128 all linears + int8 embeddings", {"format": "int4_weight_only", "group_size": 128,
+                                                                "skip_sensitive": False, "quantize_embeddings": True}),
+    ("ptq int4_weight_only g32 all linears", {"format": "int4_weight_only", "group_size": 32, "skip_sensitive": False}),
 )
 SPEED_CONFIGS = (  # in priority order (a budget cut drops the last ones)
     ("bf16", False, "none", {}),
@@ -86,6 +106,11 @@ SPEED_CONFIGS = (  # in priority order (a budget cut drops the last ones)
     ("ptq int4_weight_only tinygemm", False, "ptq", {"format": "int4_weight_only", "group_size": 128,
                                                      "int4_kernel": "tinygemm"}),
 )
+
+
+def picked(cname: str, selected: list[str]) -> bool:
+    """``--configs`` entries select configs by substring, or exactly with a leading ``=``."""
+    return any(cname == s[1:] if s.startswith("=") else s in cname for s in selected)
 
 
 def log(msg: str) -> None:
@@ -102,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-seeds", type=int, default=16)
     p.add_argument("--groups", type=int, default=5, help="timestep groups of the static scales")
     p.add_argument("--mixed-budget", type=float, default=0.4, help="mixed precision: fraction of the float weight size")
-    p.add_argument("--configs", default=None, help="comma-separated substrings: only configs whose name matches")
+    p.add_argument("--configs", default=None, help="comma-separated substrings (or =exact names): only configs whose name matches")
     p.add_argument("--dit-batches", default="64,1")
     p.add_argument("--flux-batch", type=int, default=2)
     p.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the FLUX-width config")
@@ -276,7 +301,7 @@ def fidelity_stage(args, device, dtype, rows, budget_left, selected) -> None:
 
     worst: tuple[float, str, dict] | None = None
     for cname, peer, kind, settings in FIDELITY_CONFIGS:
-        if selected and not any(s in cname for s in selected):
+        if selected and not picked(cname, selected):
             continue
         if budget_left() <= 0:
             log(f"budget: skipping {cname}")
@@ -428,7 +453,7 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
         for compiled in compile_modes:
             base_ms = None
             for cname, peer, kind, settings in SPEED_CONFIGS:
-                if selected and cname != "bf16" and not any(s in cname for s in selected):
+                if selected and cname != "bf16" and not picked(cname, selected):
                     continue
                 if budget_left() <= 0:
                     log(f"budget: skipping {name} b{batch} {cname}")
@@ -494,6 +519,42 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+
+
+def size_stage(args, device, dtype, rows, budget_left, selected) -> None:
+    """Transformer weight bytes per format for the ``--speed-models`` configs (real size, random
+    weights, bf16): the int4 target is about the whole transformer, which the default layer selection
+    (adaLN modulation kept in bf16) does not reach on DiT-XL/2."""
+    from diffspeed.methods.ptq import PTQConfig, ptq_model_
+    from diffspeed.models.zoo import build_model
+
+    blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+    for name in [m for m in args.speed_models.split(",") if m]:
+        if name == "dit-xl-2":
+            pristine = build_model("dit-xl-2", device=device, dtype=torch.bfloat16).transformer
+            label = name
+        else:
+            pristine = flux_width(device, torch.bfloat16, blocks)
+            label = f"flux-width ({blocks[0]}+{blocks[1]} blocks)"
+        base = weight_mb(pristine)
+        for cname, settings in SIZE_CONFIGS:
+            if selected and cname != "bf16" and not picked(cname, selected):
+                continue
+            row = {"model": label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   "config": cname, "peer": False, "settings": settings or {}, "stage": "size", "dtype": "bfloat16"}
+            model = copy.deepcopy(pristine)
+            if settings:
+                report = ptq_model_(model, PTQConfig(**settings))
+                row.update(layers_quantized=len(report.quantized), layers_kept=len(report.skipped),
+                           quantized_layers_mb=report.quantized_bytes_after / 2**20,
+                           quantized_layers_bf16_mb=report.quantized_bytes_before / 2**20)
+            row.update(weight_mb=weight_mb(model), bf16_weight_mb=base)
+            row["size_ratio_vs_bf16"] = base / row["weight_mb"]
+            rows.append(row)
+            log(f"size {label} {cname:56s} {row['weight_mb']:8.1f} MB  x{row['size_ratio_vs_bf16']:.2f} smaller")
+            del model
+            gc.collect()
+        del pristine
 
 
 def make_plot(rows: list[dict[str, Any]], path: str) -> str | None:
@@ -567,8 +628,10 @@ def main(argv: list[str] | None = None) -> int:
             fidelity_stage(args, device, dtype, rows, budget_left, selected)
         elif stage == "speed":
             speed_stage(args, device, dtype, rows, budget_left, selected)
+        elif stage == "size":
+            size_stage(args, device, dtype, rows, budget_left, selected)
         else:
-            raise SystemExit(f"unknown stage {stage!r}; use fidelity,speed")
+            raise SystemExit(f"unknown stage {stage!r}; use fidelity,speed,size")
     finish(budget_left() <= 0)
     return 0
 

@@ -77,3 +77,11 @@ def test_smooth_alpha_bench_cpu_smoke(tmp_path):
     (chosen,) = [r for r in rows if r["chosen"]]
     assert chosen["psnr_db"] == max(r["psnr_db"] for r in rows)
     assert len({round(r["psnr_db"], 6) for r in rows}) > 1  # smoothing changes the quantized output
+
+
+def test_config_selection_by_substring_or_exact_name():
+    picked = _load().picked
+    assert picked("ptq int4_weight_only g32 all linears", ["g32"])
+    assert not picked("ptq int4_weight_only g32 all linears", ["=ptq int4_weight_only g32"])
+    assert picked("ptq int4_weight_only g32", ["=ptq int4_weight_only g32"])
+    assert not picked("ptq int8_w8a8 dynamic", ["fp8", "=int8"])

@@ -265,6 +265,7 @@ def quantize(
     gptq_steps: int = typer.Option(25, help="--gptq: sampling steps of each calibration generation"),
     int4_kernel: str = typer.Option("auto", help="int4: auto (= dequant) | tinygemm (torch's small-M int4 kernel) | dequant (int4 storage, float GEMM)"),
     fuse_gelu: bool = typer.Option(True, "--fuse-gelu/--no-fuse-gelu", help="dynamic fp8: run each FFN's tanh GELU inside the one-pass activation-quantization kernel"),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings/--float-embeddings", help="also store nn.Embedding tables (DiT's class-label tables) as int8 rows"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="regex of layers to quantize even if sensitive (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="regex of layers to keep in float (repeatable)"),
     keep_sensitive: bool = typer.Option(True, "--keep-sensitive/--quantize-sensitive", help="keep embeddings, adaLN modulation and final layers in float"),
@@ -287,7 +288,7 @@ def quantize(
     if plan is not None:
         conflicts = [n for n, on in (("--gptq", gptq), ("--format", fmt is not None), ("--act static", act != "dynamic"),
                                      ("--calibration", calibration is not None), ("--smooth-alpha", smooth_alpha is not None),
-                                     ("--include", bool(include)), ("--exclude", bool(exclude))) if on]
+                                     ("--include", bool(include)), ("--exclude", bool(exclude)), ("--quantize-embeddings", quantize_embeddings)) if on]
         if conflicts:
             raise DiffspeedError(f"--plan fixes every layer's format; drop {', '.join(conflicts)} "
                                  "(or drop --plan to quantize with one format)")
@@ -320,7 +321,7 @@ def quantize(
                            smooth_alpha=None if auto_alpha else smooth_alpha,
                            include=tuple(include or ()), exclude=tuple(exclude or ()),
                            skip_sensitive=keep_sensitive, group_size=group_size, int4_kernel=int4_kernel, gptq=gptq,
-                           fuse_gelu=fuse_gelu)
+                           fuse_gelu=fuse_gelu, quantize_embeddings=quantize_embeddings)
         if calibration is not None:
             from .quant.calibration import ActivationStats
 

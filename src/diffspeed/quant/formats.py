@@ -20,7 +20,9 @@ format                 weight storage                              matmul op
 =====================  ==========================================  ===========================================
 
 Activations of the w8a8 formats are quantized at run time, either ``act="dynamic"`` (one absmax
-scale per token) or ``act="static"`` (one per-tensor scale per *timestep group*, from calibration:
+scale per token; for fp8, inputs coming out of the FFN's GELU go through the one-pass Triton kernel
+of :mod:`diffspeed.kernels.fp8_quant`, the rest through torch ops that Inductor fuses into the norm:
+see ``FP8_ACT_KERNEL``) or ``act="static"`` (one per-tensor scale per *timestep group*, from calibration:
 a diffusion transformer's activation range moves a lot between the noisy first steps and the clean
 last ones, so one static scale for all steps either clips early or wastes resolution late). The
 group is ``step_index * G // num_steps`` of the model's :class:`~diffspeed.context.StepContext`: a
