@@ -66,3 +66,24 @@ def test_embeddings_stay_float_by_default():
     report = ptq_model_(loaded.transformer, PTQConfig(format="int8_weight_only"))
     assert report.embeddings == []
     assert not any(isinstance(m, QuantEmbedding) for m in loaded.transformer.modules())
+
+
+def test_quantize_embeddings_must_be_bool():
+    with pytest.raises(DiffspeedError, match="quantize_embeddings"):
+        PTQConfig(format="int8_weight_only", quantize_embeddings=1)
+
+
+def test_load_refuses_a_table_of_another_size(tmp_path):
+    loaded = load_tiny("reference-image")
+    ptq_model_(loaded.transformer, PTQConfig(format="int8_weight_only", quantize_embeddings=True))
+    save_ptq(loaded.transformer, tmp_path / "q")
+    import json
+
+    cfg = json.loads((tmp_path / "q" / "ptq_config.json").read_text())
+    name = next(f for f, info in cfg["layers"].items() if info["format"] == "int8_embedding")
+    cfg["layers"][name]["num_embeddings"] += 1
+    (tmp_path / "q" / "ptq_config.json").write_text(json.dumps(cfg))
+    from diffspeed.errors import WeightFileError
+
+    with pytest.raises(WeightFileError, match="table"):
+        load_ptq_(load_tiny("reference-image").transformer, tmp_path / "q")
