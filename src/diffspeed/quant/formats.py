@@ -373,8 +373,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.fmt == "int4_weight_only" else ""
         smooth = ", smooth=True" if self.smooth is not None else ""
+        gelu = f", input_gelu={self.input_gelu}" if self.input_gelu != "none" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"act={self.act}{extra}{smooth}, kernel={self.kernel}")
+                f"act={self.act}{extra}{smooth}{gelu}, kernel={self.kernel}")
 
 
 class _GroupHolder:
