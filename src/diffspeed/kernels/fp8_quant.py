@@ -6,8 +6,10 @@ fused with its producer (the FFN's GELU, the norm + modulation) into a looped tw
 kernel; on DiT-XL/2 (H100, batch 64, 4608-wide FFN rows) that kernel took about three times as long
 as the GELU alone and ate the GEMM's FP8 gain (``quant_fp8fix.json``, session 5). Here each program
 holds whole rows in registers: one read of the activations, one write of the fp8 codes and the
-per-row scales. Wrapped as the Triton op ``diffspeed::rowwise_fp8_cuda``, Inductor calls it as is
-(it does not re-fuse it) and launches it from its generated code.
+per-row scales. It is registered once, when this module is imported on a machine with CUDA and
+Triton, as the ``torch.library.triton_op`` ``diffspeed::rowwise_fp8_cuda``: Inductor calls it as is
+(it does not re-fuse it), and no registration ever happens inside a compile trace (an earlier
+version built it lazily behind ``functools.lru_cache``, which broke the graph at every layer).
 
 ``gelu="tanh"`` applies ``x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))`` (the tanh GELU, exactly)
 in fp32 before the quantization, so the FFN's hidden activations are read once instead of written by
@@ -17,21 +19,22 @@ rounding of the GELU output that it skips.
 CPU and other devices run :func:`rowwise_fp8_reference` (same math in torch ops); the CUDA path is
 checked against it in ``tests/test_fp8_quant_kernel.py`` (CUDA-only tests).
 
-Where it is used (``formats.FP8_ACT_KERNEL="auto"``): only for the GELU-fused FFN input. Inputs that
-come out of a norm + modulation are left to Inductor, which fuses their quantization into the norm
-kernel well (about 1.3x the bf16 norm's time, vs a separate pass here that re-reads the norm output).
+Where it is used (``formats.FP8_ACT_KERNEL="auto"``): only for the GELU-fused FFN input. Each call
+costs host time, about 0.1 ms in a compiled model (``fp8_diag.json`` session 5 diag B: every input
+through it, 24 calls, 6.54 ms wall for 3.98 ms of device time), so it is used only where it saves
+more device time than that: on DiT-XL/2 at batch 64 the fused GELU + quantization takes 0.13 ms per
+block against 0.32 ms for Inductor's fused reduction. Inputs that come out of a norm + modulation are
+left to Inductor, which fuses their quantization into the norm kernel at 1.1-1.3x the bf16 norm's
+time (same profiles).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0
+FP8_MAX = 448.0  # largest float8 e4m3fn value
 GELU_MODES = ("none", "tanh")
-_SQRT_2_OVER_PI = 0.7978845608028654
 
 
 def rowwise_fp8_reference(x: torch.Tensor, smooth: torch.Tensor | None, gelu: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,42 +88,16 @@ def _launch(x: torch.Tensor, smooth: torch.Tensor | None, gelu: str) -> tuple[to
     rows = max(1, min(16, 4096 // block))  # about 4096 elements per program
     warps = 4 if rows * block <= 2048 else 8 if rows * block <= 8192 else 16
     smooth_arg = smooth.float().contiguous() if smooth is not None else scales  # unused when absent
-    wrap_triton(_KERNEL)[(triton_cdiv(m, rows),)](x, smooth_arg, codes, scales, m, k, x.stride(0), codes.stride(0),
-                                                 HAS_SMOOTH=smooth is not None, GELU=gelu == "tanh", ROWS=rows,
-                                                 BLOCK=block, num_warps=warps)
+    wrap_triton(_KERNEL)[(-(-m // rows),)](x, smooth_arg, codes, scales, m, k, x.stride(0), codes.stride(0),
+                                           HAS_SMOOTH=smooth is not None, GELU=gelu == "tanh", ROWS=rows,
+                                           BLOCK=block, num_warps=warps)
     return codes, scales
 
 
-_KERNEL = None  # the Triton kernel and the op wrapping it, built once by prepare_cuda_path()
+_KERNEL = None  # the Triton kernel and the op wrapping it (set at import where CUDA and Triton exist)
 _CUDA_OP = None
 
 
-def prepare_cuda_path() -> bool:
-    """Build the Triton kernel and register it as the ``torch.library.triton_op``
-    ``diffspeed::rowwise_fp8_cuda`` (once; False without Triton). Call it outside any torch.compile
-    trace (``quantize_linear`` and eager calls do): under torch.compile, Inductor then launches the
-    kernel from its own generated code, with no Python custom-op dispatch per call (~40 us a call,
-    which made a compiled 28-block DiT CPU-bound) and no graph break."""
-    global _KERNEL, _CUDA_OP
-    if _CUDA_OP is None and triton_available():
-        from torch.library import triton_op
-
-        _KERNEL = _build_kernel()
-
-        @triton_op("diffspeed::rowwise_fp8_cuda", mutates_args={})
-        def rowwise_fp8_cuda(x: torch.Tensor, smooth: torch.Tensor | None,
-                             gelu: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return _launch(x, smooth, gelu)
-
-        _CUDA_OP = rowwise_fp8_cuda
-    return _CUDA_OP is not None
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """True when Triton imports (the CUDA path of :func:`rowwise_fp8` needs it)."""
     try:
@@ -131,6 +108,19 @@ def triton_available() -> bool:
     return True
 
 
+def _register_cuda_op() -> None:
+    global _KERNEL, _CUDA_OP
+    from torch.library import triton_op
+
+    _KERNEL = _build_kernel()
+
+    @triton_op("diffspeed::rowwise_fp8_cuda", mutates_args={})
+    def rowwise_fp8_cuda(x: torch.Tensor, smooth: torch.Tensor | None, gelu: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(x, smooth, gelu)
+
+    _CUDA_OP = rowwise_fp8_cuda
+
+
 def rowwise_fp8(x: torch.Tensor, smooth: torch.Tensor | None, gelu: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the rows of a 2-D ``x`` to float8 e4m3 with one fp32 scale per row (``amax / 448``),
     after an optional tanh GELU (``gelu="tanh"``) and division by a per-column ``smooth`` vector.
@@ -139,8 +129,10 @@ def rowwise_fp8(x: torch.Tensor, smooth: torch.Tensor | None, gelu: str) -> tupl
         raise ValueError(f"rowwise_fp8: gelu must be one of {GELU_MODES}, got {gelu!r}")
     if x.dim() != 2:
         raise ValueError(f"rowwise_fp8 takes a 2-D tensor, got shape {tuple(x.shape)}")
-    if x.is_cuda and _CUDA_OP is None and not torch.compiler.is_compiling():
-        prepare_cuda_path()
     if x.is_cuda and _CUDA_OP is not None:
         return _CUDA_OP(x, smooth, gelu)
     return rowwise_fp8_reference(x, smooth, gelu)
+
+
+if torch.cuda.is_available() and triton_available():
+    _register_cuda_op()

@@ -40,12 +40,14 @@ A layer with no shared group tensor (plain :func:`quantize_linear`) reads the co
 Under ``torch.compile`` the activation quantize step (``x / smooth / scale``, round, clamp, cast) is
 elementwise after a row reduction, so inductor fuses it into the kernel that produced ``x`` (the adaLN
 norm + modulation, or the GELU of the MLP); what is left per linear is one low-precision GEMM with a
-fused epilogue (scale, bias). Those fused reductions are only fast with Inductor's coordinate-descent
-tuning (``CompileConfig(tune_kernels=True)``; torchao turns it on process-wide). Whether the format
-wins depends on the GEMM sizes (measured figures, torchao side by side: ``benchmarks/results/
-quantization.json``; FLUX width FP8 1.36x, DiT-XL/2 FP8 below 1x). The weight-only formats save
-memory, not time, at large batch: torch's int4 kernel is a small-M (decode) kernel, hence
-``int4_kernel="auto"`` = dequantize (int4 storage, float GEMM) and the tinygemm kernel only where
+fused epilogue (scale, bias). One exception, for dynamic fp8: after the FFN's GELU, Inductor's fused
+reduction over the 4x-wide rows is slow (0.32 ms per DiT-XL/2 block at batch 64, three times the
+GELU alone), so that input goes through the one-pass Triton kernel of
+:mod:`diffspeed.kernels.fp8_quant` instead, with the GELU moved inside it (``ptq_``'s ``fuse_gelu``).
+Whether a format wins depends on the GEMM sizes (measured figures, torchao side by side:
+``benchmarks/results/quantization.json``; FP8 at FLUX width 1.35x, on DiT-XL/2 at batch 64 1.16-1.22x,
+at batch 1 0.74x). The weight-only formats save memory, not time, at large batch: torch's int4
+kernel is a small-M (decode) kernel, hence ``int4_kernel="auto"`` = dequantize (int4 storage, float GEMM) and the tinygemm kernel only where
 asked for.
 
 SmoothQuant (see :mod:`diffspeed.quant.smoothquant`): an optional ``smooth`` buffer divides the
@@ -64,20 +66,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiffspeedError
+from ..kernels.fp8_quant import FP8_MAX, rowwise_fp8, rowwise_fp8_reference
 
 FORMATS: tuple[str, ...] = ("int8_w8a8", "fp8_w8a8", "int8_weight_only", "int4_weight_only")
 W8A8_FORMATS: tuple[str, ...] = ("int8_w8a8", "fp8_w8a8")
 ACT_MODES: tuple[str, ...] = ("dynamic", "static")
 INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
-FP8_MAX = 448.0  # float8 e4m3fn
 # fp8 GEMMs accumulate with Hopper's fast (lower-precision) accumulation, as torchao's inference
 # configs do: without it the fp8 GEMM loses most of its speed advantage over bf16 on the H100
 FP8_FAST_ACCUM = True
-# how dynamic fp8 layers quantize their input: "op" = diffspeed's one-pass row-wise Triton kernel
-# (kernels/fp8_quant.py); "inductor" = torch ops that torch.compile fuses into the producer's kernel
-# (good after a norm; a slow two-pass looped reduction after the FFN's GELU on wide rows); "auto" =
-# the kernel for GELU-fused FFN inputs, torch ops elsewhere (measured best, fp8_diag.json session 5)
-FP8_ACT_KERNELS: tuple[str, ...] = ("auto", "op", "inductor")
+# how dynamic fp8 layers quantize their input (a diagnostic switch; fp8_diag.py compares them):
+# "op" = diffspeed's one-pass row-wise Triton kernel (kernels/fp8_quant.py); "inductor" = the same math
+# as torch ops, which torch.compile fuses into the producer's kernel (good after a norm; a slow
+# two-pass looped reduction after the FFN's GELU on wide rows); "auto" = the kernel for GELU-fused
+# FFN inputs, torch ops elsewhere (measured best, fp8_diag.json session 5)
 FP8_ACT_KERNEL = "auto"
 INT8_MAX = 127.0
 INT8_CAST_KERNEL = "F.linear(int8 weight cast to the activation dtype: a float GEMM)"
@@ -309,21 +311,15 @@ class QuantLinear(nn.Module):
 
     def _fp8_w8a8(self, x2: torch.Tensor) -> torch.Tensor:
         m = x2.shape[0]
-        use_op = FP8_ACT_KERNEL == "op" or (FP8_ACT_KERNEL == "auto" and self.input_gelu != "none")
-        if self.act == "dynamic" and use_op:
-            from ..kernels.fp8_quant import rowwise_fp8
-
-            xp, _ = _pad_rows(x2, 16, 16)  # zero rows quantize to zero codes
-            codes, scale_a = rowwise_fp8(xp, self.smooth, self.input_gelu)
-        else:
-            if self.input_gelu == "tanh":
-                x2 = F.gelu(x2, approximate="tanh")
-            xf, scale = self._act_input(x2, FP8_MAX)
-            scale_a = scale.expand(m, 1)
-            xs, _ = _pad_rows((xf / scale).clamp(-FP8_MAX, FP8_MAX), 16, 16)  # pad in float, then cast
-            if xs.shape[0] != m:
-                scale_a = F.pad(scale_a, (0, 0, 0, xs.shape[0] - m), value=1.0)
-            codes, scale_a = xs.to(torch.float8_e4m3fn), scale_a.float().contiguous()
+        xp, _ = _pad_rows(x2, 16, 16)  # _scaled_mm needs a multiple of 16 rows; zero rows give zero codes
+        if self.act == "dynamic":
+            use_op = FP8_ACT_KERNEL == "op" or (FP8_ACT_KERNEL == "auto" and self.input_gelu != "none")
+            quantize = rowwise_fp8 if use_op else rowwise_fp8_reference
+            codes, scale_a = quantize(xp, self.smooth, self.input_gelu)
+        else:  # static: one per-tensor scale of the timestep group
+            xf, scale = self._act_input(xp, FP8_MAX)
+            codes = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            scale_a = scale.expand(xp.shape[0], 1).contiguous()
         bias = self.bias.to(torch.bfloat16) if self.fused_bias else None
         out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scale_a, scale_b=self.w_scale.reshape(1, -1),
                                bias=bias, out_dtype=torch.bfloat16, use_fast_accum=FP8_FAST_ACCUM)
@@ -523,10 +519,6 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, act: str = "dynamic", act_sc
         ql.register_buffer("qweight", q.contiguous())
         ql.register_buffer("w_scale", scale if fmt == "int8_w8a8" else scale.to(weight.dtype))
     elif fmt == "fp8_w8a8":
-        if device.type == "cuda":  # register the Triton quantization op now, outside any compile trace
-            from ..kernels.fp8_quant import prepare_cuda_path
-
-            prepare_cuda_path()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
         ql.register_buffer("qweight", (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous())
         ql.register_buffer("w_scale", scale.float())
