@@ -13,20 +13,19 @@ import torch
 from torch import nn
 
 from ..errors import DiffspeedError
-
-INT8_MAX = 127.0
+from .formats import _int8_rows
 
 
 class QuantEmbedding(nn.Module):
     """``nn.Embedding`` with int8 rows (``qweight``, ``[num, dim]``) and per-row scales (``scale``,
     ``[num]`` in the table's float dtype); rows are dequantized on lookup."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+    fmt = "int8_embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
-        self.padding_idx = padding_idx
-        self.fmt = "int8_embedding"
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = self.qweight[indices]
@@ -57,10 +56,8 @@ def quantize_embedding(emb: nn.Embedding) -> QuantEmbedding:
         raise DiffspeedError(f"quantize_embedding needs an nn.Embedding, got {type(emb).__name__}")
     if (why := embedding_unsupported(emb)) is not None:
         raise DiffspeedError(f"this embedding cannot be stored in int8: {why}")
-    w = emb.weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
-    q = (w / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+    q, scale = _int8_rows(emb.weight.detach().float())  # the same per-row rounding as int8 linear weights
+    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim)
     qe.register_buffer("qweight", q.contiguous())
     qe.register_buffer("scale", scale.to(emb.weight.dtype))
     return qe
