@@ -38,17 +38,19 @@ from quantization import (  # noqa: E402
     traced_ops,
 )
 
-CONFIGS: dict[str, tuple[str, dict[str, Any], bool]] = {  # name -> (kind, settings, fuse_qkv first)
-    "bf16": ("none", {}, False),
-    "bf16+fuse_qkv": ("none", {}, True),
-    "ours fp8": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False),
-    "ours fp8+fuse_qkv": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, True),
-    "torchao fp8_dynamic_row": ("torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}, False),
-    "ours fp8 no-gelu-fusion": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False),
-    "ours fp8 all-op": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False),
-    "ours fp8 inductor-quant": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False),
-    "ours int8_w8a8": ("ptq", {"format": "int8_w8a8", "act": "dynamic"}, False),
-    "ours int4 dequant": ("ptq", {"format": "int4_weight_only", "group_size": 128, "int4_kernel": "dequant"}, False),
+CONFIGS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
+    # name -> (kind, settings, fuse_qkv first, formats.FP8_ACT_KERNEL)
+    "bf16": ("none", {}, False, "auto"),
+    "bf16+fuse_qkv": ("none", {}, True, "auto"),
+    "ours fp8": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False, "auto"),
+    "ours fp8+fuse_qkv": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, True, "auto"),
+    "torchao fp8_dynamic_row": ("torchao", {"backend": "fp8_dynamic_row", "skip_sensitive": False}, False, "auto"),
+    "ours fp8 no-gelu-fusion": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False, "auto"),
+    "ours fp8 all-op": ("ptq", {"format": "fp8_w8a8", "act": "dynamic"}, False, "op"),
+    "ours fp8 inductor-quant": ("ptq", {"format": "fp8_w8a8", "act": "dynamic", "fuse_gelu": False}, False, "inductor"),
+    "ours int8_w8a8": ("ptq", {"format": "int8_w8a8", "act": "dynamic"}, False, "auto"),
+    "ours int4 dequant": ("ptq", {"format": "int4_weight_only", "group_size": 128, "int4_kernel": "dequant"}, False,
+                          "auto"),
 }
 
 
@@ -90,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"budget: skipping {mname} {cname}", flush=True)
                 continue
-            kind, settings, fuse = CONFIGS[cname]
+            kind, settings, fuse, act_kernel = CONFIGS[cname]
             row: dict[str, Any] = {"model": mname, "blocks": args.dit_blocks if mname == "dit-xl-2" else "1+2",
                                    "batch": batch, "config": cname, "device": torch.cuda.get_device_name(),
                                    "tuned_kernels": args.tune_kernels}
             t0 = time.perf_counter()
             from diffspeed.quant import formats
 
-            formats.FP8_ACT_KERNEL = ("inductor" if cname.endswith("inductor-quant") else
-                                      "op" if cname.endswith("all-op") else "auto")
+            formats.FP8_ACT_KERNEL = act_kernel
             try:
                 model = copy.deepcopy(pristine)
                 if fuse:

@@ -420,6 +420,19 @@ def flux_width(device, dtype, blocks: tuple[int, int], seed: int = 0):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def model_label(name: str, blocks: tuple[int, int]) -> str:
+    return f"flux-width ({blocks[0]}+{blocks[1]} blocks)" if name == "flux-width" else name
+
+
+def build_speed_model(name: str, device, dtype, blocks: tuple[int, int]) -> torch.nn.Module:
+    """A real-size random-weight transformer: ``dit-xl-2`` or the ``flux-width`` config."""
+    if name == "dit-xl-2":
+        from diffspeed.models.zoo import build_model
+
+        return build_model(name, device=device, dtype=dtype).transformer
+    return flux_width(device, dtype, blocks)
+
+
 def speed_inputs(name: str, model, batch: int, device, dtype) -> dict[str, Any]:
     g = torch.Generator(device=device).manual_seed(0)
     if name == "dit-xl-2":
@@ -458,7 +471,7 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                 if budget_left() <= 0:
                     log(f"budget: skipping {name} b{batch} {cname}")
                     continue
-                row = {"model": name if name != "flux-width" else f"flux-width ({blocks[0]}+{blocks[1]} blocks)",
+                row = {"model": model_label(name, blocks),
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": batch,
                        "config": cname, "peer": peer, "compiled": compiled, "settings": settings, "stage": "speed",
                        "tuned_kernels": bool(compiled and args.tune_kernels),
@@ -470,12 +483,7 @@ def speed_stage(args, device, dtype, rows, budget_left, selected) -> None:
                     if name not in pristine:  # build once on the device, deep-copy per config
                         for key in [k for k in pristine if not isinstance(k, tuple) and k != name]:
                             del pristine[key]  # the previous case's model
-                        if name == "dit-xl-2":
-                            from diffspeed.models.zoo import build_model
-
-                            pristine[name] = build_model(name, device=device, dtype=dtype).transformer
-                        else:
-                            pristine[name] = flux_width(device, dtype, blocks)
+                        pristine[name] = build_speed_model(name, device, dtype, blocks)
                         log(f"built {name} in {time.perf_counter() - t0:.1f}s")
                     log(f"{name} b{batch} {cname}: start")
                     model = copy.deepcopy(pristine[name]).eval()
@@ -526,16 +534,11 @@ def size_stage(args, device, dtype, rows, budget_left, selected) -> None:
     weights, bf16): the int4 target is about the whole transformer, which the default layer selection
     (adaLN modulation kept in bf16) does not reach on DiT-XL/2."""
     from diffspeed.methods.ptq import PTQConfig, ptq_model_
-    from diffspeed.models.zoo import build_model
 
     blocks = tuple(int(x) for x in args.flux_blocks.split(","))
     for name in [m for m in args.speed_models.split(",") if m]:
-        if name == "dit-xl-2":
-            pristine = build_model("dit-xl-2", device=device, dtype=torch.bfloat16).transformer
-            label = name
-        else:
-            pristine = flux_width(device, torch.bfloat16, blocks)
-            label = f"flux-width ({blocks[0]}+{blocks[1]} blocks)"
+        pristine = build_speed_model(name, device, torch.bfloat16, blocks)
+        label = model_label(name, blocks)
         base = weight_mb(pristine)
         for cname, settings in SIZE_CONFIGS:
             if selected and cname != "bf16" and not picked(cname, selected):
