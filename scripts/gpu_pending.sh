@@ -10,7 +10,7 @@
 #   OUT=$OUT bash scripts/gpu_pending.sh overhead   # issue 4: never-skip overhead at a GPU-bound batch (b8 eager was noise-limited)
 #   OUT=$OUT bash scripts/gpu_pending.sh tokens     # issue 4: MotionCache at video batch 8
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
-#   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (quant formats incl. int4 dequant)
+#   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (fp8 kernel, quant formats incl. int4 dequant): run first after the session-5 review
 set -uo pipefail
 STAGE="${1:?usage: OUT=DIR $0 erta25|overhead|quant|quantfid|fp8profile|tokens|attention|cudatests}"
 OUT="${OUT:?set OUT}"
@@ -40,7 +40,7 @@ case "$STAGE" in
     python3 benchmarks/attention.py --seq-lens 32768 --head-dims 128 --compensate both \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/attention_comp.json" --plot "$OUT/attention_comp.png" ;;
   cudatests)
-    python3 -m pytest tests/test_quant_formats.py tests/test_ptq.py -q 2>&1 | tee "$OUT/cudatests.log" ;;
+    python3 -m pytest tests/test_fp8_quant_kernel.py tests/test_quant_formats.py tests/test_ptq.py -q 2>&1 | tee "$OUT/cudatests.log" ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
