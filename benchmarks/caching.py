@@ -217,6 +217,15 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
             out.append(Entry("erta_cache", False, "diffspeed", "reuse-cost",
                              {"calibration_reuse_fraction": f, "use_timestep_adjust": True,
                               "use_residual_correction": True}, config=erta_cls))
+        # longer reuse runs (calibration max_consecutive 4) and CFG branch-difference reuse on computed steps
+        for extra in () if quick or no_sweep else (
+                {"calibration_threshold": 0.3, "calibration_max_consecutive": 4},
+                {"calibration_threshold": 0.4, "calibration_max_consecutive": 4},
+                {"calibration_threshold": 0.5, "calibration_max_consecutive": 4},
+                {"calibration_threshold": 0.3, "calibration_guidance_threshold": 0.05},
+                {"calibration_threshold": 0.3, "calibration_guidance_threshold": 0.1}):
+            out.append(Entry("erta_cache", False, "diffspeed", "sweep",
+                             {**extra, "use_timestep_adjust": True, "use_residual_correction": True}, config=erta_cls))
     motion_cls = getattr(methods, "MotionCacheConfig", None)
     if motion_cls is not None and is_video and want("motion_cache"):
         grid = [{}] if quick or no_sweep else [{"recompute_ratio": r} for r in (0.75, 0.5, 0.35, 0.25)] + [
@@ -350,11 +359,15 @@ class Bench:
             t = entry.settings.get("calibration_threshold")
             frac = entry.settings.get("calibration_reuse_fraction")
             k = None if frac is None else max(1, round(frac * self.steps))
-            what = f"erta_cache@{t}" if k is None else f"erta_cache@reuse{k}"
-            path = self._calibration(what, lambda: self._calibrate_erta(t, k))
+            extra = {name: entry.settings[f"calibration_{name}"] for name in ("max_consecutive", "guidance_threshold")
+                     if entry.settings.get(f"calibration_{name}") is not None}
+            what = (f"erta_cache@{t}" if k is None else f"erta_cache@reuse{k}") + "".join(
+                f",{name}={value}" for name, value in sorted(extra.items()))
+            path = self._calibration(what, lambda: self._calibrate_erta(t, k, extra))
             cfg = _erta_config(entry.config, path, entry.settings)
             row["settings"] = _jsonable_settings({**entry.settings, **_config_settings(cfg)})
-            how = f"threshold={t}" if k is None else f"reuse_steps={k} (ranked by measured reuse cost)"
+            how = (f"threshold={t}" if k is None else f"reuse_steps={k} (ranked by measured reuse cost)") + "".join(
+                f", {name}={value}" for name, value in sorted(extra.items()))
             row["notes"].append(f"erta_cache calibrated by diffspeed.calibrate.calibrate_erta({how}) on seeds "
                                 f"{self.calib_seeds}")
         return apply_recipe(transformer, Recipe((cfg,)))
@@ -371,7 +384,8 @@ class Bench:
             raise RuntimeError(value)
         return value
 
-    def _calibrate_erta(self, threshold: float | None, reuse_steps: int | None = None) -> str:
+    def _calibrate_erta(self, threshold: float | None, reuse_steps: int | None = None,
+                        extra: dict[str, Any] | None = None) -> str:
         """Run ``calibrate_erta`` at this configuration's steps (other seeds); the JSON goes to a temp file."""
         import diffspeed.calibrate as calibrate
 
@@ -385,6 +399,7 @@ class Bench:
             available["threshold"] = threshold
         if reuse_steps is not None:
             available["reuse_steps"] = reuse_steps
+        available.update(extra or {})
         result = _call_flexible(calibrate.calibrate_erta, available)
         if isinstance(result, (str, os.PathLike)) and Path(result).is_file():
             return str(result)

@@ -385,3 +385,152 @@ def test_cli_bad_input(tmp_path, monkeypatch, args, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not list(tmp_path.glob("*.json"))
+
+
+# ---- CFG branch-difference (guidance) reuse --------------------------------------------------------
+@pytest.fixture(scope="module")
+def guidance_calibration():
+    """tiny-dit calibrated so that computed step 5 (between reused runs 2-4 and 6) reuses the branch difference."""
+    loaded = load_model("tiny-dit")
+    data = calibrate_erta(loaded, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
+                          threshold=50.0, max_consecutive=3, warmup_steps=2, final_steps=1, guidance_threshold=50.0)
+    return data
+
+
+def test_build_guidance_schedule_rules():
+    from diffspeed.calibrate import build_guidance_schedule
+
+    changes = [None, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+    none_reused = [False] * 8
+    # reused steps add to the accumulator but are never marked; computed ones in the window are, under the cap
+    assert build_guidance_schedule(changes, none_reused, threshold=1.0, max_consecutive=2, warmup_steps=2,
+                                   final_steps=1) == [False, False, True, True, False, True, True, False]
+    assert build_guidance_schedule(changes, none_reused, threshold=0.12, max_consecutive=5, warmup_steps=1,
+                                   final_steps=0) == [False, True, True, False, True, True, False, True]
+    reused = [False, False, True, True, False, True, False, False]
+    # steps 2-3 reused (acc 0.10), step 4 would reach 0.15 >= 0.12: computes both halves; 5 reused; 6 marked
+    assert build_guidance_schedule(changes, reused, threshold=0.12, max_consecutive=5, warmup_steps=1,
+                                   final_steps=0) == [False, True, False, False, False, False, True, False]
+    assert not any(build_guidance_schedule(changes, none_reused, threshold=0.01, warmup_steps=1, final_steps=0))
+
+
+def test_guidance_calibration_contents(guidance_calibration):
+    data = guidance_calibration
+    assert data["schedule"] == [False, False, True, True, True, False, True, False]
+    assert data["guidance_reuse"] == [False] * 5 + [True, False, False]
+    assert data["calibration"]["guidance_threshold"] == 50.0
+    assert data["stats"]["guidance_reused_steps"] == 1
+    change = data["stats"]["guidance_change"]
+    assert change[0] is None and all(c is not None and c > 0 for c in change[1:])
+    validation = data["stats"]["validation"]
+    assert validation["mse_without_guidance_reuse"] >= 0 and validation["mse"][validation["kept"]] >= 0
+
+
+def test_guidance_reuse_runs_only_the_cond_half(tiny_dit, guidance_calibration, tmp_path):
+    from diffspeed.bench.peers import WorkCounter
+
+    path = _write(tmp_path, guidance_calibration)
+    with WorkCounter(tiny_dit.transformer, tiny_dit.adapter) as wc:
+        with_half = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path))
+        rows_half = wc.counts()["mlp_rows"]
+        wc.reset()
+        without = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path, use_guidance_reuse=False))
+        rows_full = wc.counts()["mlp_rows"]
+    # one computed step of the batched CFG call ran half its rows through every block
+    per_step = rows_full // sum(not s for s in guidance_calibration["schedule"])
+    assert rows_full - rows_half == per_step // 2
+    assert torch.isfinite(with_half).all() and not torch.equal(with_half, without)
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=path)) as h:
+        _final_latents(tiny_dit)
+    assert h.stats["guidance_reused_steps"] == 1 and h.stats["guidance_reuse_unavailable"] == 0
+
+
+def test_guidance_reuse_is_exact_when_the_branches_agree(tiny_dit, guidance_calibration, tmp_path):
+    """uncond == cond makes every branch difference 0, so rebuilding the uncond half loses nothing."""
+    from diffspeed.models.bundle import Conditioning
+
+    path = _write(tmp_path, guidance_calibration)
+    cond = tiny_dit.make_condition(LABELS, torch.device("cpu"))
+    same = Conditioning(cond=cond.cond, uncond=cond.cond)
+
+    def run(config):
+        with diffspeed.apply(tiny_dit.transformer, config) as h:
+            out = sample(tiny_dit.transformer, same, seeds=SEEDS, latent_shape=tiny_dit.latent_shape,
+                         num_steps=STEPS, guidance_scale=GUIDANCE, adapter=tiny_dit.adapter)
+        return out, h.stats
+
+    half, stats = run(ErtaCacheConfig(calibration=path))
+    full, _ = run(ErtaCacheConfig(calibration=path, use_guidance_reuse=False))
+    assert stats["guidance_reused_steps"] == 1
+    torch.testing.assert_close(half, full, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_reuse_needs_batched_cfg(tiny_dit, guidance_calibration, tmp_path):
+    """Separate CFG calls have no batch to halve: both branches compute, counted as unavailable."""
+    path = _write(tmp_path, guidance_calibration)
+    kwargs = dict(num_steps=STEPS, guidance_scale=GUIDANCE, cfg_mode="separate", check_finite=False)
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=path)) as h:
+        out = generate(tiny_dit, LABELS, SEEDS, **kwargs)
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=path, use_guidance_reuse=False)):
+        ref = generate(tiny_dit, LABELS, SEEDS, **kwargs)
+    assert h.stats["guidance_reused_steps"] == 0 and h.stats["guidance_reuse_unavailable"] == 2
+    assert torch.equal(out, ref)
+
+
+def test_guidance_reuse_hot_path_is_sync_free(tiny_dit, guidance_calibration, tmp_path):
+    path = _write(tmp_path, guidance_calibration)
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=path)) as h:
+        generate(tiny_dit, [0], [0], num_steps=STEPS, guidance_scale=GUIDANCE, check_finite=False)
+        with count_host_syncs() as syncs:
+            generate(tiny_dit, [0], [0], num_steps=STEPS, guidance_scale=GUIDANCE, check_finite=False)
+    assert syncs.n == 0 and h.stats["guidance_reused_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.__setitem__("guidance_reuse", [False] * (STEPS - 1)), "'guidance_reuse' must be a list of 8"),
+        (lambda d: d.__setitem__("guidance_reuse", [True] + [False] * (STEPS - 1)), "step 0 cannot reuse"),
+        (lambda d: d.__setitem__("guidance_reuse", [1] * STEPS), "'guidance_reuse' must be a list of 8 booleans"),
+    ],
+)
+def test_refuses_bad_guidance_reuse(tiny_dit, guidance_calibration, tmp_path, mutate, message):
+    data = copy.deepcopy(guidance_calibration)
+    mutate(data)
+    with pytest.raises(DiffspeedError, match=message):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=_write(tmp_path, data)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_threshold": 0.0}, "--guidance-threshold must be > 0"),
+        ({"guidance_threshold": float("nan")}, "--guidance-threshold must be > 0"),
+        ({"guidance_threshold": 0.1, "guidance_scale": 1.0}, "needs guidance > 1"),
+        ({"guidance_threshold": 0.1, "guidance_max_consecutive": 0}, "guidance_max_consecutive must be an integer"),
+    ],
+)
+def test_guidance_calibration_bad_input(tiny_dit, kwargs, message):
+    args = {"num_steps": 4, "seeds": [0], "guidance_scale": GUIDANCE, **kwargs}
+    with pytest.raises(DiffspeedError, match=message):
+        calibrate_erta(tiny_dit, **args)
+
+
+def test_use_guidance_reuse_must_be_bool(calib_path):
+    with pytest.raises(DiffspeedError, match="use_guidance_reuse must be true or false"):
+        ErtaCacheConfig(calibration=str(calib_path), use_guidance_reuse="yes")
+
+
+def test_stale_difference_extrapolates_linearly():
+    from diffspeed.methods.erta_cache import remember, stale_difference
+
+    hist = []
+    remember(hist, 1, torch.tensor([1.0]))
+    assert torch.equal(stale_difference(hist, 4, order=1), torch.tensor([1.0]))  # one stored: reused as is
+    remember(hist, 3, torch.tensor([2.0]))
+    remember(hist, 5, (torch.tensor([4.0]), None))
+    remember(hist, 6, (torch.tensor([5.0]), None))
+    assert [s for s, _ in hist] == [5, 6]  # only the last two are kept
+    assert torch.equal(stale_difference(hist, 8, order=0)[0], torch.tensor([5.0]))
+    ext = stale_difference(hist, 8, order=1)
+    assert torch.equal(ext[0], torch.tensor([7.0])) and ext[1] is None

@@ -143,6 +143,45 @@ def build_schedule(
     return schedule
 
 
+def build_guidance_schedule(
+    changes: Sequence[float | None],
+    schedule: Sequence[bool],
+    *,
+    threshold: float,
+    max_consecutive: int = 2,
+    warmup_steps: int = 2,
+    final_steps: int = 1,
+) -> list[bool]:
+    """Computed steps that reuse the CFG branch difference (only the cond half runs the blocks).
+
+    ``changes[k]`` is the guided-velocity error that a stale branch difference adds at step ``k``
+    (see :func:`calibrate_erta`). Every step since the last step that computed both halves (reused
+    steps included: they keep the old difference too) adds to the accumulator; a computed step in the
+    window reuses the difference while the accumulated error stays below ``threshold`` and fewer than
+    ``max_consecutive`` computed steps in a row did so. Steps already reused by ``schedule`` are never
+    marked (they run no block at all).
+    """
+    n = len(changes)
+    out = [False] * n
+    acc, consecutive = 0.0, 0
+    for k in range(n):
+        delta = changes[k]
+        if delta is None:  # nothing to compare with yet: this step must compute both halves
+            acc, consecutive = 0.0, 0
+            continue
+        if schedule[k]:
+            acc += delta
+            continue
+        in_window = k >= max(1, warmup_steps) and k < n - final_steps
+        if in_window and consecutive < max_consecutive and acc + delta < threshold:
+            out[k] = True
+            acc += delta
+            consecutive += 1
+        else:
+            acc, consecutive = 0.0, 0
+    return out
+
+
 # ---- file I/O ---------------------------------------------------------------------------------------
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -189,6 +228,14 @@ def validate_calibration(data: Any, source: str = _IN_MEMORY) -> dict[str, Any]:
             raise bad(f"residual_coeffs[{k}] must be null or [a, b] with finite numbers, got {c!r}")
     if not _finite(data.get("guidance_scale", 0.0)):
         raise bad("'guidance_scale' must be a number")
+    if data.get("guidance_order", 0) not in (0, 1) or isinstance(data.get("guidance_order"), bool):
+        raise bad(f"'guidance_order' must be 0 or 1, got {data.get('guidance_order')!r}")
+    guidance = data.get("guidance_reuse")  # optional: files without it reuse no branch difference
+    if guidance is not None:
+        if not isinstance(guidance, list) or len(guidance) != n or not all(isinstance(g, bool) for g in guidance):
+            raise bad(f"'guidance_reuse' must be a list of {n} booleans")
+        if guidance[0]:
+            raise bad("step 0 cannot reuse the CFG branch difference: none is stored yet")
     return data
 
 
@@ -302,10 +349,17 @@ class _Runner:
         return float(self.sigmas[i + 1]) - float(self.sigmas[i])
 
     def velocity(
-        self, s: _Sample, x: torch.Tensor, i: int, inject: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self, s: _Sample, x: torch.Tensor, i: int, inject: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        cfg: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
-        """The guided velocity at ``x``, step ``i`` (as the sampler computes it), and the residual (h, e)."""
-        from .methods.erta_cache import injected_residual
+        """The guided velocity at ``x``, step ``i`` (as the sampler computes it), and the residual (h, e).
+
+        ``cfg`` (batched CFG only) is one sample's guidance-reuse state: the true output branch
+        difference goes to ``cfg["d_true"]``; with ``cfg["reuse"]`` the uncond half of the output and
+        of the residual is rebuilt from the stored ``cfg["d_out"]`` / ``cfg["d_res"]`` exactly as
+        ``erta_cache`` does at run time, else a computed step stores them.
+        """
+        from .methods.erta_cache import half_difference, injected_residual, rebuild_first_half, remember, stale_difference
 
         t = self.timesteps[i]
         batch = x.shape[0]
@@ -317,6 +371,12 @@ class _Runner:
                 both = self.adapter.predict(self.model, torch.cat([x, x]).to(self.dtype), torch.cat([t_vec, t_vec]),
                                             s.kwargs).float()
                 out_u, out_c = both.chunk(2)
+                if cfg is not None:
+                    cfg["d_true"] = out_c - out_u
+                    if cfg.get("reuse"):
+                        out_u = out_c - stale_difference(cfg["d_out"], i, cfg["order"])
+                    elif inject is None:
+                        remember(cfg.setdefault("d_out", []), i, cfg["d_true"])
                 v = out_u + self.g * (out_c - out_u)
             else:
                 self.ctx.set_step(i, t, "cond")
@@ -328,8 +388,18 @@ class _Runner:
                 raise DiffspeedError("calibration could not observe the first/last transformer block of this model")
             (h_in, e_in), (h_out, e_out) = self.cap["in"], self.cap["out"]
             res_e = e_out - e_in if (e_in is not None and e_out is not None and e_out.shape == e_in.shape) else None
-            residual = (h_out - h_in, res_e)
+            res_h = h_out - h_in
+            if cfg is not None and self.use_cfg:
+                if cfg.get("reuse"):
+                    d_h, d_e = stale_difference(cfg["d_res"], i, cfg["order"])
+                    res_h = rebuild_first_half(res_h.chunk(2)[1], d_h)
+                    res_e = rebuild_first_half(res_e.chunk(2)[1], d_e) if (res_e is not None and d_e is not None) else None
+                else:
+                    remember(cfg.setdefault("d_res", []), i,
+                             (half_difference(res_h), half_difference(res_e) if res_e is not None else None))
+            residual = (res_h, res_e)
         return v, residual
+
 
 
 def _row_rel_l1(new: torch.Tensor, old: torch.Tensor) -> list[float]:
@@ -404,11 +474,22 @@ def calibrate_erta(
     validate: bool = True,
     progress: bool = False,
     reuse_steps: int | None = None,
+    guidance_threshold: float | None = None,
+    guidance_max_consecutive: int = 2,
+    guidance_order: int = 1,
 ) -> dict[str, Any]:
     """Calibrate ERTACache for ``loaded`` (a :class:`~diffspeed.models.bundle.LoadedModel`); see the module doc.
 
     ``reuse_steps=K`` picks the schedule by measured reuse cost instead of ``threshold``: the ``K``
     steps whose reuse alone costs the least final-output error (:mod:`diffspeed.erta_schedule`).
+
+    ``guidance_threshold`` (batched CFG only; None = off) also marks *computed* steps on which only
+    the cond half of the batch runs the blocks and the uncond half is rebuilt from the last fully
+    computed step's branch difference (:func:`build_guidance_schedule`; at most
+    ``guidance_max_consecutive`` such steps in a row). The per-step cost it thresholds is the
+    guided-velocity error of a stale difference, ``(g - 1) |d_k - d_{k-1}|_1 / |v_k|_1``, measured on
+    the full trajectories. ``guidance_order`` 1 extrapolates the difference linearly from the last two
+    fully computed steps, 0 reuses the last one as it is.
 
     ``labels`` default to ``i % num_classes`` (class-conditional models) or ``i``. Returns the JSON-able
     dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
@@ -433,6 +514,19 @@ def calibrate_erta(
             raise DiffspeedError(f"reuse_steps must be an integer in 1..{most} ({window} steps outside the "
                                  f"{warmup_steps} warm-up and {final_steps} final steps, at most {max_consecutive} "
                                  f"reused in a row), got {reuse_steps!r}")
+    if guidance_threshold is not None:
+        if not _finite(guidance_threshold) or guidance_threshold <= 0:
+            raise DiffspeedError(f"--guidance-threshold must be > 0 (e.g. 0.05; higher = more guidance reuse), "
+                                 f"got {guidance_threshold!r}")
+        if not guidance_scale > 1.0:
+            raise DiffspeedError(f"--guidance-threshold reuses the CFG branch difference, which needs guidance > 1 "
+                                 f"(got --guidance {guidance_scale}); drop --guidance-threshold")
+        if isinstance(guidance_max_consecutive, bool) or not isinstance(guidance_max_consecutive, int) \
+                or guidance_max_consecutive < 1:
+            raise DiffspeedError(f"guidance_max_consecutive must be an integer >= 1, got {guidance_max_consecutive!r}")
+        if guidance_order not in (0, 1) or isinstance(guidance_order, bool):
+            raise DiffspeedError(f"guidance_order must be 0 (reuse the last difference) or 1 (extrapolate), "
+                                 f"got {guidance_order!r}")
     model = loaded.transformer
     caches = [name for name, h in applied_methods(model).items() if h.config.stage in (Stage.BLOCK, Stage.STEP)]
     if caches:
@@ -450,13 +544,22 @@ def calibrate_erta(
         # 1. residual profiling on the full trajectories ----------------------------------------------
         task = bar.add_task("profiling (full model)", total=n_s) if bar else None
         change_rows: list[list[float]] = [[] for _ in range(n)]
+        guidance_rows: list[list[float]] = [[] for _ in range(n)]
+        profile_guidance = guidance_threshold is not None
         full_traj: list[list[torch.Tensor]] = []
         full_res: list[list[Any]] = []  # per-sample residuals, kept only for the reuse-cost ranking
         for s in samples:
             run.ctx.begin(n, explicit=True)
             x, prev, traj, res = s.x0, None, [s.x0], []
+            cfg: dict[str, Any] | None = {} if profile_guidance else None
+            prev_d = None
             for i in range(n):
-                v, (r_h, r_e) = run.velocity(s, x, i)
+                v, (r_h, r_e) = run.velocity(s, x, i, cfg=cfg)
+                if cfg is not None:
+                    if prev_d is not None:
+                        err = (run.g - 1.0) * (cfg["d_true"] - prev_d).abs().mean() / v.abs().mean().clamp_min(1e-12)
+                        guidance_rows[i].append(float(err))
+                    prev_d = cfg["d_true"]
                 if reuse_steps is not None:
                     from .erta_schedule import offload
 
@@ -484,6 +587,13 @@ def calibrate_erta(
             costs = reuse_costs(run, CalibrationBatch(run, labels), full_traj, full_res, n, candidates, bar)
             del full_res
             schedule = pick_schedule(costs, reuse_steps, max_consecutive)
+        guidance_changes: list[float | None] = [
+            (sum(rows) / len(rows) if rows else None) for rows in guidance_rows
+        ]
+        guidance = (build_guidance_schedule(guidance_changes, schedule, threshold=guidance_threshold,
+                                            max_consecutive=guidance_max_consecutive, warmup_steps=warmup_steps,
+                                            final_steps=final_steps)
+                    if guidance_threshold is not None else [False] * n)
 
         # 2. sequential fit on the cached trajectory -------------------------------------------------
         dt_scale = [1.0] * n
@@ -495,11 +605,15 @@ def calibrate_erta(
         run.ctx.begin(n, explicit=True)
         xs = [s.x0 for s in samples]
         mem: list[dict[str, Any]] = [{"r_m": None, "r_prev": None} for _ in samples]
+        cfg_states: list[dict[str, Any] | None] = [{"order": guidance_order} if any(guidance) else None
+                                                   for _ in samples]
         for i in range(n):
             dt = run.dt(i)
             if not schedule[i]:
                 for j, s in enumerate(samples):
-                    v, res = run.velocity(s, xs[j], i)
+                    if cfg_states[j] is not None:
+                        cfg_states[j]["reuse"] = guidance[i]
+                    v, res = run.velocity(s, xs[j], i, cfg=cfg_states[j])
                     mem[j]["r_prev"], mem[j]["r_m"] = mem[j]["r_m"], res
                     xs[j] = xs[j] + dt * v
                     if bar:
@@ -559,6 +673,8 @@ def calibrate_erta(
             "shift": float(shift),
             "timesteps": list(run.timesteps),
             "schedule": schedule,
+            "guidance_reuse": guidance,
+            "guidance_order": guidance_order,
             "dt_scale": dt_scale,
             "residual_coeffs": coeffs,
             "calibration": {
@@ -567,6 +683,8 @@ def calibrate_erta(
                 "threshold": float(threshold) if reuse_steps is None else None,
                 "schedule_rule": "threshold" if reuse_steps is None else "reuse_cost",
                 "reuse_steps": reuse_steps,
+                "guidance_threshold": None if guidance_threshold is None else float(guidance_threshold),
+                "guidance_max_consecutive": guidance_max_consecutive,
                 "max_consecutive": max_consecutive,
                 "warmup_steps": warmup_steps,
                 "final_steps": final_steps,
@@ -581,13 +699,15 @@ def calibrate_erta(
                 "reuse_cost_mse": costs,
                 "reused_steps": sum(schedule),
                 "computed_steps": n - sum(schedule),
+                "guidance_change": guidance_changes if guidance_threshold is not None else None,
+                "guidance_reused_steps": sum(guidance),
                 "residual_rel_error_plain": res_err_plain,
                 "residual_rel_error_corrected": res_err_corr,
                 "dt_scale_unclamped": dt_raw,
             },
         }
         # 4. validation: keep a correction only if it lowers the final error on these samples ----------
-        if validate and any(schedule):
+        if validate and (any(schedule) or any(guidance)):
             data["stats"]["validation"] = _validate(loaded, data, samples, guidance_scale, shift, bar)
         try:
             from . import __version__ as version
@@ -632,10 +752,13 @@ def _validate(loaded: Any, data: dict[str, Any], samples: list[_Sample], guidanc
     n = int(data["num_steps"])
     task = bar.add_task("validating", total=3 * len(samples)) if bar else None
 
-    def final(flags: tuple[bool, bool] | None) -> list[torch.Tensor]:
+    guidance = any(data.get("guidance_reuse") or ())
+
+    def final(flags: tuple[bool, bool] | None, use_guidance: bool = True) -> list[torch.Tensor]:
         handle = None
         if flags is not None:
-            cfg = ErtaCacheConfig(calibration=_IN_MEMORY, use_timestep_adjust=flags[0], use_residual_correction=flags[1])
+            cfg = ErtaCacheConfig(calibration=_IN_MEMORY, use_timestep_adjust=flags[0], use_residual_correction=flags[1],
+                                  use_guidance_reuse=use_guidance)
             handle = apply_with_data(model, cfg, adapter, data)
         try:
             outs = []
@@ -667,8 +790,14 @@ def _validate(loaded: Any, data: dict[str, Any], samples: list[_Sample], guidanc
         data["dt_scale"] = [1.0] * n
     if kept in ("plain", "dt_only"):
         data["residual_coeffs"] = [[1.0, 0.0] if c is not None else None for c in data["residual_coeffs"]]
-    return {"metric": "mse of final latents vs the full model, mean over calibration samples",
-            "mse": errors, "kept": kept}
+    out = {"metric": "mse of final latents vs the full model, mean over calibration samples",
+           "mse": errors, "kept": kept}
+    if guidance:  # what the guidance reuse costs, with the kept corrections (recorded, not acted on)
+        if bar:
+            bar.update(task, total=(len(errors) + 2) * len(samples))
+        flags = (kept in ("both", "dt_only"), kept in ("both", "residual_only"))
+        out["mse_without_guidance_reuse"] = mse(final(flags, use_guidance=False), full)
+    return out
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -708,6 +837,9 @@ def erta(
     threshold: float = typer.Option(0.15, help="accumulated residual change below which a step is reused (higher = faster)"),
     max_consecutive: int = typer.Option(3, help="at most this many reused steps in a row"),
     reuse_steps: Optional[int] = typer.Option(None, "--reuse-steps", help="reuse exactly this many steps, the ones whose reuse alone costs the least final error (measured; replaces --threshold)"),
+    guidance_threshold: Optional[float] = typer.Option(None, "--guidance-threshold", help="batched CFG: on computed steps whose accumulated guided-velocity error from a stale branch difference stays below this, run only the cond half and rebuild uncond (e.g. 0.05; default off)"),
+    guidance_max_consecutive: int = typer.Option(2, help="at most this many computed steps in a row reuse the branch difference"),
+    guidance_order: int = typer.Option(1, help="1: extrapolate the branch difference from the last two full steps; 0: reuse the last one"),
     warmup: int = typer.Option(2, help="first steps always computed"),
     final: int = typer.Option(1, help="last steps always computed"),
     shift: float = typer.Option(1.0, help="sigma shift of the flow-matching schedule"),
@@ -720,7 +852,8 @@ def erta(
     try:
         _erta(model=model, steps=steps, n_seeds=seeds, seed=seed, guidance=guidance, threshold=threshold,
               max_consecutive=max_consecutive, reuse_steps=reuse_steps, warmup=warmup, final=final, shift=shift,
-              out=out, validate=validate,
+              out=out, validate=validate, guidance_threshold=guidance_threshold,
+              guidance_max_consecutive=guidance_max_consecutive, guidance_order=guidance_order,
               device=device, dtype=dtype)
     except DiffspeedError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -728,7 +861,9 @@ def erta(
 
 
 def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, threshold: float, max_consecutive: int,
-          reuse_steps: int | None, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str, dtype: str) -> None:
+          reuse_steps: int | None, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str,
+          dtype: str, guidance_threshold: float | None = None, guidance_max_consecutive: int = 2,
+          guidance_order: int = 1) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps <= 0:
         raise DiffspeedError(f"--steps must be a positive integer, got {steps}")
@@ -746,11 +881,16 @@ def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, t
     seed_list = [seed + i for i in range(n_seeds)]
     data = calibrate_erta(loaded, num_steps=steps, seeds=seed_list, guidance_scale=guidance, threshold=threshold,
                           max_consecutive=max_consecutive, warmup_steps=warmup, final_steps=final, shift=shift,
-                          validate=validate, progress=True, reuse_steps=reuse_steps)
+                          validate=validate, progress=True, reuse_steps=reuse_steps,
+                          guidance_threshold=guidance_threshold, guidance_max_consecutive=guidance_max_consecutive,
+                          guidance_order=guidance_order)
     save_calibration(data, out)
     reused = [k for k, s in enumerate(data["schedule"]) if s]
     val = data["stats"].get("validation")
     typer.echo(f"wrote {out}: {len(reused)}/{steps} steps reused {reused}, in {data['stats']['seconds']:.1f} s")
+    halves = [k for k, g in enumerate(data["guidance_reuse"]) if g]
+    if guidance_threshold is not None:
+        typer.echo(f"{len(halves)} computed steps run the cond half only (CFG branch difference reused): {halves}")
     if not reused:
         changes = [c for c in data["stats"]["rel_l1_change"] if c is not None]
         if changes:

@@ -67,6 +67,9 @@ class ErtaCacheConfig(MethodConfig):
         :func:`diffspeed.calibrate.calibrate_erta` + ``save_calibration``) for this model and step count.
     use_timestep_adjust: scale the output of reused steps by the calibrated ``dt_scale`` (False = fixed intervals).
     use_residual_correction: use the calibrated linearization ``a r_m + b (r_m - r_m')`` (False = plain reuse of ``r_m``).
+    use_guidance_reuse: on the calibration's ``guidance_reuse`` steps, compute only the second half of a
+        batched-CFG call and rebuild the first half from the last fully computed step's branch
+        difference (False = compute both halves; calibrations without such steps are unaffected).
     """
 
     method: ClassVar[str] = "erta_cache"
@@ -86,6 +89,7 @@ class ErtaCacheConfig(MethodConfig):
     calibration: str = ""
     use_timestep_adjust: bool = True
     use_residual_correction: bool = True
+    use_guidance_reuse: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.calibration, str) or not self.calibration.strip():
@@ -93,7 +97,7 @@ class ErtaCacheConfig(MethodConfig):
                 "erta_cache needs `calibration`: the path of a calibration JSON; create one with "
                 "`diffspeed calibrate erta --model <model> --steps <N> --out erta.json`"
             )
-        for name in ("use_timestep_adjust", "use_residual_correction"):
+        for name in ("use_timestep_adjust", "use_residual_correction", "use_guidance_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise DiffspeedError(f"erta_cache {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -140,6 +144,72 @@ def corrected_residual(r_m: torch.Tensor, r_prev: torch.Tensor | None, a: float,
     return r_m if a == 1.0 else r_m * a
 
 
+def model_sample(out: Any) -> torch.Tensor | None:
+    """The prediction tensor of a transformer's return value (tensor, first tuple item, or ``.sample``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None
+
+
+def with_sample(out: Any, sample: torch.Tensor) -> Any:
+    """``out`` with its prediction tensor replaced by ``sample`` (same container type)."""
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)):
+        return type(out)([sample, *out[1:]])
+    out.sample = sample
+    return out
+
+
+def second_half(value: Any, rows: int) -> Any:
+    """Rows ``rows//2:`` of every tensor (also inside dicts/lists/tuples) whose first dim is ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows // 2:] if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, dict):
+        return {k: second_half(v, rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(second_half(v, rows) for v in value)
+    return value
+
+
+def rebuild_first_half(second: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[second - delta, second]``: the branch difference ``delta = second - first`` of a fully computed step, reused."""
+    return torch.cat([second - delta, second], dim=0)
+
+
+def remember(history: list[tuple[int, Any]], step: int, value: Any) -> None:
+    """Keep the branch differences of the last two fully computed steps (for :func:`stale_difference`)."""
+    history.append((step, value))
+    del history[:-2]
+
+
+def stale_difference(history: list[tuple[int, Any]], step: int, order: int) -> Any:
+    """The branch difference to use at ``step``: the last stored one (``order`` 0) or, with two stored,
+    its linear extrapolation ``d_m + (step - m) / (m - m') (d_m - d_m')`` (``order`` 1).
+
+    Values are tensors or tuples of tensors / ``None`` (hidden and encoder residual differences).
+    """
+    m, d_m = history[-1]
+    if order == 0 or len(history) < 2:
+        return d_m
+    m_prev, d_prev = history[-2]
+    w = (step - m) / (m - m_prev)
+
+    def ext(a: Any, b: Any) -> Any:
+        return None if a is None or b is None else a + w * (a - b)
+
+    return tuple(ext(a, b) for a, b in zip(d_m, d_prev)) if isinstance(d_m, tuple) else ext(d_m, d_prev)
+
+
+def half_difference(full: torch.Tensor) -> torch.Tensor:
+    """``second half - first half`` of a batched-CFG tensor (the branch difference to reuse)."""
+    first, second = full.chunk(2)
+    return second - first
+
+
 @contextlib.contextmanager
 def injected_residual(
     model: nn.Module, adapter: ModelAdapter, res_h: torch.Tensor, res_e: torch.Tensor | None = None
@@ -165,6 +235,14 @@ def injected_residual(
     finally:
         for h in reversed(handles):
             h.remove()
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    """Rows of the hidden-states input (first positional tensor, else ``hidden_states``/``x``/``sample``)."""
+    for value in (*args[:1], kwargs.get("hidden_states"), kwargs.get("x"), kwargs.get("sample")):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
 
 
 # ---- the method -----------------------------------------------------------------------------------
@@ -193,6 +271,11 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
     n_cal = int(data["num_steps"])
     schedule: list[bool] = [bool(s) for s in data["schedule"]]
     ones = [1.0] * n_cal
+    guidance: list[bool] = [bool(g) for g in (data.get("guidance_reuse") or [False] * n_cal)]
+    if not config.use_guidance_reuse:
+        guidance = [False] * n_cal
+    track = any(guidance)  # branch differences are stored only when some step will reuse them
+    order = int(data.get("guidance_order", 0))
     dt_scale: list[float] = [float(s) for s in data["dt_scale"]] if config.use_timestep_adjust else ones
     coeffs: list[tuple[float, float]] = [
         (float(c[0]), float(c[1])) if (c is not None and config.use_residual_correction) else (1.0, 0.0)
@@ -201,7 +284,8 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
     model_name = data.get("model", {}).get("name") or "<model>"
     stats = handle.stats
     stats.update({"computed_steps": 0, "skipped_steps": 0, "skipped_blocks": 0,
-                  "corrected_steps": 0, "dt_adjusted_steps": 0})
+                  "corrected_steps": 0, "dt_adjusted_steps": 0, "guidance_reused_steps": 0,
+                  "guidance_reuse_unavailable": 0})
 
     def check_steps() -> None:
         total = ctx.num_steps
@@ -227,20 +311,46 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
         step = ctx.step_index
         st["want_reuse"] = 0 <= step < n_cal and schedule[step]
         st["reused"] = False
+        st["half"] = False
+        if not st["want_reuse"] and 0 <= step < n_cal and guidance[step]:
+            rows = _batch_rows(args, kwargs)
+            if ctx.cfg_batched and rows and rows % 2 == 0 and st.get("d_out") and st.get("d_res"):
+                # guidance reuse: the blocks see only the second half of the CFG batch
+                st["half"] = True
+                stats["guidance_reused_steps"] += 1
+                out = inner(*second_half(args, rows), **second_half(kwargs, rows))
+                sample = model_sample(out)
+                if sample is None:
+                    raise DiffspeedError(f"erta_cache guidance reuse cannot find the prediction in {type(out).__name__}")
+                return with_sample(out, rebuild_first_half(sample, stale_difference(st["d_out"], step, order)))
+            stats["guidance_reuse_unavailable"] += 1  # not a batched-CFG call (or nothing stored yet): compute all
         out = inner(*args, **kwargs)
         if st["reused"]:
             scale = dt_scale[step]
             if scale != 1.0:
                 stats["dt_adjusted_steps"] += 1
                 out = scale_model_output(out, scale, model)
+        elif track and ctx.cfg_batched:
+            sample = model_sample(out)
+            if sample is not None and sample.shape[0] % 2 == 0:
+                remember(st.setdefault("d_out", []), step, half_difference(sample))
         return out
 
     def store_residual(io: BlockIO, st: dict, out: Any) -> None:
         h_out, e_out = io.split_output(out)
         h_in, e_in = st.pop("inputs")
         res_e = e_out - e_in if (e_out is not None and e_in is not None and e_out.shape == e_in.shape) else None
+        res_h = h_out - h_in
+        if st.get("half"):  # rebuild the first half from the stored branch difference of the residual
+            d_h, d_e = stale_difference(st["d_res"], ctx.step_index, order)
+            res_h = rebuild_first_half(res_h, d_h)
+            res_e = rebuild_first_half(res_e, d_e) if (res_e is not None and d_e is not None) else None
+        elif track and ctx.cfg_batched and res_h.shape[0] % 2 == 0:
+            remember(st.setdefault("d_res", []), ctx.step_index,
+                     (half_difference(res_h),
+                      half_difference(res_e) if (res_e is not None and res_e.shape[0] % 2 == 0) else None))
         st["r_prev"] = st.get("r_m")
-        st["r_m"] = (h_out - h_in, res_e)
+        st["r_m"] = (res_h, res_e)
 
     def first_block(io: BlockIO, inner: Any, *args: Any, **kwargs: Any) -> Any:
         st = ctx.state(key)
