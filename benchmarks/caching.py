@@ -769,6 +769,7 @@ _ABBREV = {
     "back_blocks": "B", "taylor_order": "o", "cache_interval": "N", "max_order": "ord",
     "spatial_attention_block_skip_range": "sp", "cross_attention_block_skip_range": "cr",
     "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal", "calibration_reuse_fraction": "reuse",
+    "calibration_max_consecutive": "mc", "calibration_guidance_threshold": "cfg",
     "recompute_ratio": "rr", "full_every": "fe",
 }
 

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seeds", type=int, default=8)
     p.add_argument("--thresholds", default="0.15,0.2,0.25,0.3,0.35")
     p.add_argument("--extra-k", default="", help="more reuse counts for the reuse-cost rule, e.g. 17")
+    p.add_argument("--configs", default="", help="JSON list of calibrate_erta keyword sets measured as rule 'custom' "
+                   "(e.g. guidance reuse: [{\"threshold\": 0.3, \"guidance_threshold\": 0.1}]); then no sweep")
+    p.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
     p.add_argument("--out", default="benchmarks/results/erta_schedule_cpu.json")
     args = p.parse_args(argv)
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                cfg_mode="batched")
 
     full = generate()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).is_file() else []
 
     def measure(rule: str, setting: Any, data: dict[str, Any], seconds: float) -> None:
         handle = apply_with_data(model, ErtaCacheConfig(calibration=_IN_MEMORY), adapter, data)
@@ -63,17 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             handle.remove()
         reused = [i for i, s in enumerate(data["schedule"]) if s]
+        halves = [i for i, g in enumerate(data.get("guidance_reuse") or ()) if g]  # half the block work skipped
         row = {"model": args.model, "device": "cpu", "dtype": "float32", "steps": args.steps, "rule": rule,
-               "setting": setting, "reuse_steps": len(reused), "reused": reused,
-               "skipped_fraction": len(reused) / args.steps, "psnr_db": psnr(out, full), "ssim": ssim(out, full),
+               "setting": setting, "reuse_steps": len(reused), "reused": reused, "guidance_reused": halves,
+               "skipped_fraction": (len(reused) + 0.5 * len(halves)) / args.steps,
+               "psnr_db": psnr(out, full), "ssim": ssim(out, full),
                "kept_correction": (data["stats"].get("validation") or {}).get("kept"),
                "calibration_s": round(seconds, 1), "calib_seeds": calib_seeds, "eval_seeds": eval_seeds,
                "guidance_scale": args.guidance}
         rows.append(row)
-        print(f"{rule:10s} {str(setting):6s} K={row['reuse_steps']:2d} psnr {row['psnr_db']:.2f} dB "
+        print(f"{rule:10s} {str(setting):6s} K={row['reuse_steps']:2d} half={len(halves)} psnr {row['psnr_db']:.2f} dB "
               f"ssim {row['ssim']:.4f} kept {row['kept_correction']} reused {reused} ({seconds:.0f} s)", flush=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
+    if args.configs:
+        for kwargs in json.loads(args.configs):
+            t0 = time.perf_counter()
+            data = calibrate_erta(loaded, num_steps=args.steps, seeds=calib_seeds, labels=calib_labels,
+                                  guidance_scale=args.guidance, **kwargs)
+            measure("custom", kwargs, data, time.perf_counter() - t0)
+        return 0
     ks: list[int] = []
     for t in [float(x) for x in args.thresholds.split(",") if x]:
         t0 = time.perf_counter()

@@ -476,7 +476,7 @@ def calibrate_erta(
     reuse_steps: int | None = None,
     guidance_threshold: float | None = None,
     guidance_max_consecutive: int = 2,
-    guidance_order: int = 1,
+    guidance_order: int = 0,
 ) -> dict[str, Any]:
     """Calibrate ERTACache for ``loaded`` (a :class:`~diffspeed.models.bundle.LoadedModel`); see the module doc.
 
@@ -488,8 +488,9 @@ def calibrate_erta(
     computed step's branch difference (:func:`build_guidance_schedule`; at most
     ``guidance_max_consecutive`` such steps in a row). The per-step cost it thresholds is the
     guided-velocity error of a stale difference, ``(g - 1) |d_k - d_{k-1}|_1 / |v_k|_1``, measured on
-    the full trajectories. ``guidance_order`` 1 extrapolates the difference linearly from the last two
-    fully computed steps, 0 reuses the last one as it is.
+    the full trajectories. ``guidance_order`` 0 reuses the last fully computed step's difference as it
+    is; 1 extrapolates it linearly from the last two (measured less faithful on the reference image
+    model: ``benchmarks/results/erta_guidance_cpu.json``).
 
     ``labels`` default to ``i % num_classes`` (class-conditional models) or ``i``. Returns the JSON-able
     dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
@@ -839,7 +840,7 @@ def erta(
     reuse_steps: Optional[int] = typer.Option(None, "--reuse-steps", help="reuse exactly this many steps, the ones whose reuse alone costs the least final error (measured; replaces --threshold)"),
     guidance_threshold: Optional[float] = typer.Option(None, "--guidance-threshold", help="batched CFG: on computed steps whose accumulated guided-velocity error from a stale branch difference stays below this, run only the cond half and rebuild uncond (e.g. 0.05; default off)"),
     guidance_max_consecutive: int = typer.Option(2, help="at most this many computed steps in a row reuse the branch difference"),
-    guidance_order: int = typer.Option(1, help="1: extrapolate the branch difference from the last two full steps; 0: reuse the last one"),
+    guidance_order: int = typer.Option(0, help="0: reuse the last full step's branch difference; 1: extrapolate it from the last two"),
     warmup: int = typer.Option(2, help="first steps always computed"),
     final: int = typer.Option(1, help="last steps always computed"),
     shift: float = typer.Option(1.0, help="sigma shift of the flow-matching schedule"),
@@ -863,7 +864,7 @@ def erta(
 def _erta(*, model: str, steps: int, n_seeds: int, seed: int, guidance: float, threshold: float, max_consecutive: int,
           reuse_steps: int | None, warmup: int, final: int, shift: float, out: Path | None, validate: bool, device: str,
           dtype: str, guidance_threshold: float | None = None, guidance_max_consecutive: int = 2,
-          guidance_order: int = 1) -> None:
+          guidance_order: int = 0) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps <= 0:
         raise DiffspeedError(f"--steps must be a positive integer, got {steps}")
