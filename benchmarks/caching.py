@@ -229,7 +229,10 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
     motion_cls = getattr(methods, "MotionCacheConfig", None)
     if motion_cls is not None and is_video and want("motion_cache"):
         grid = [{}] if quick or no_sweep else [{"recompute_ratio": r} for r in (0.75, 0.5, 0.35, 0.25)] + [
-            {"recompute_ratio": 0.35, "full_every": 8}]
+            {"recompute_ratio": 0.35, "full_every": 8}] + [
+            # idle steps (no token due: no block runs); max_age raised so that static tokens wait for full steps
+            {"recompute_ratio": r, "idle_steps": i, "full_every": f, "max_age": 4 * (i + 1)}
+            for r, i, f in ((0.35, 1, 3), (0.25, 1, 3), (0.35, 1, 4), (0.2, 1, 4), (0.5, 2, 3))]
         for s in grid:
             try:
                 cfg = motion_cls(**s)
@@ -770,7 +773,7 @@ _ABBREV = {
     "spatial_attention_block_skip_range": "sp", "cross_attention_block_skip_range": "cr",
     "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal", "calibration_reuse_fraction": "reuse",
     "calibration_max_consecutive": "mc", "calibration_guidance_threshold": "cfg",
-    "recompute_ratio": "rr", "full_every": "fe",
+    "recompute_ratio": "rr", "full_every": "fe", "idle_steps": "idle",
 }
 
 

@@ -130,6 +130,10 @@ class MotionCacheConfig(MethodConfig):
     full_context: recomputed tokens attend to keys / values of every token (each block's
         cached self-attention input, refreshed for the recomputed rows), not only to each other.
         False = the old subset-only attention (much lower fidelity; kept for comparison).
+    idle_steps: steps before each partial step on which no token is due: every token reuses its
+        cached residual and no block runs. So the recomputed (moving) tokens are updated every
+        ``idle_steps + 1`` steps and the static ones only on full steps. 0 = a partial step
+        follows every step (the original schedule).
     """
 
     method: ClassVar[str] = "motion_cache"
@@ -159,9 +163,11 @@ class MotionCacheConfig(MethodConfig):
     max_age: int = 3
     final_steps: int = 1
     full_context: bool = True
+    idle_steps: int = 0
 
     def __post_init__(self) -> None:
         require_recompute_ratio("motion_cache", self.recompute_ratio)
+        require_int("motion_cache", "idle_steps", self.idle_steps, 0, "0 = no idle steps")
         if not _is_number(self.motion_weight) or self.motion_weight < 0:
             raise DiffspeedError(
                 "motion_cache motion_weight must be a finite number >= 0 (0 = rank tokens by residual change only), "
@@ -261,7 +267,17 @@ def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: Mod
         st = ctx.state(key)
         latent = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
         ok = isinstance(latent, torch.Tensor) and latent.dim() == 5
-        st["plan"] = {"partial": ok and partial_allowed(st), "latent": latent if ok else None, "started": False}
+        partial = ok and partial_allowed(st)
+        idle = False
+        if not partial:
+            st["idle_run"] = 0
+        elif st.get("idle_run", 0) < config.idle_steps:  # no token is due yet: reuse every token
+            st["idle_run"] = st.get("idle_run", 0) + 1
+            idle = True
+        else:
+            st["idle_run"] = 0
+        st["plan"] = {"partial": partial and not idle, "idle": idle, "latent": latent if ok else None,
+                      "started": False}
         try:
             return inner(*args, **kwargs)
         finally:

@@ -11,7 +11,9 @@ per-token values they keep in their cache. What they share lives here:
   :func:`_reduce_rotary`, :func:`_gather_rows`);
 * :class:`TokenSubsetRunner`: the gather at the first block's input, the reduced arguments of every
   block call, the residual cache refresh after a full run and the scatter after a partial run, plus
-  the ``full_steps`` / ``partial_steps`` / ``tokens_*`` / ``skipped_fraction`` statistics.
+  the ``full_steps`` / ``partial_steps`` / ``tokens_*`` / ``skipped_fraction`` statistics. A plan
+  with ``idle`` set runs no block at all: every token gets its input plus its cached residual
+  (a step on which no token is due; counted in ``idle_steps``).
 * Optional *full-context self-attention* (``full_context=True``, Wan and CogVideoX): on a partial step the
   recomputed tokens' queries attend to keys / values of **every** token, not just the recomputed
   subset. Each block's self-attention input (the normalised, modulated hidden states) is cached per
@@ -209,8 +211,8 @@ def subset_handle(model: nn.Module, config: Any, name: str) -> tuple[MethodHandl
     handle = MethodHandle(model, config)
     key = f"{name}@{id(handle)}"
     handle.state_key = key  # type: ignore[attr-defined]
-    handle.stats.update({"full_steps": 0, "partial_steps": 0, "tokens_recomputed": 0, "tokens_reused": 0,
-                         "skipped_fraction": 0.0})
+    handle.stats.update({"full_steps": 0, "partial_steps": 0, "idle_steps": 0, "tokens_recomputed": 0,
+                         "tokens_reused": 0, "skipped_fraction": 0.0})
     return handle, get_context(model), key, handle.stats
 
 
@@ -280,6 +282,16 @@ class TokenSubsetRunner:
         plan["rotary_full"] = rotary
         plan["attn_in"] = {}
         b, n = hidden.shape[:2]
+        cache = st.get("cache")
+        idle = bool(plan.get("idle")) and cache is not None and cache["residual"].shape == hidden.shape
+        plan["idle"] = idle
+        if idle:  # no token is due: every token reuses its cached residual, no block runs
+            stats["idle_steps"] += 1
+            stats["tokens_reused"] += b * n
+            total = stats["tokens_recomputed"] + stats["tokens_reused"]
+            stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
+            plan["partial"] = False
+            return
         partial = (plan["partial"] and (not self.require_3d or hidden.dim() == 3)
                    and self.select(st, plan, hidden, rotary))
         plan["partial"] = partial
@@ -340,6 +352,17 @@ class TokenSubsetRunner:
         plan["block"] = i
         if i == 0:
             self.start(st, plan, io, args, kwargs)
+        if plan.get("idle"):
+            if i == 0:
+                cache = st["cache"]
+                cache["age"] = cache["age"] + 1
+                _, encoder = io.get_states(args, kwargs)
+                hidden = plan["h_in"] + cache["residual"]
+            else:
+                hidden, encoder = io.get_states(args, kwargs)  # pass-through: the residual was added at block 0
+            if i == self.n_blocks - 1:
+                plan["started"] = False
+            return io.make_output(hidden, encoder)
         if plan["partial"]:
             args, kwargs = self.reduce_args(plan, i == 0, io, args, kwargs)
         out = inner(*args, **kwargs)
