@@ -213,6 +213,64 @@ def test_schedule_warmup_full_every_final():
     assert h.stats["skipped_fraction"] == pytest.approx(6 * 24 / (12 * 48))
 
 
+def test_idle_steps_run_no_block_and_keep_the_schedule():
+    """idle_steps=1: after each full / partial step one step on which no block runs at all."""
+    loaded = load_tiny("tiny-wan")
+    cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=2, full_every=3, final_steps=1, idle_steps=1, max_age=8)
+    calls, kinds = [], []
+    block = loaded.adapter.blocks(loaded.transformer)[1][1]
+    linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))  # runs only if the block computes
+    hook = linear.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with diffspeed.apply(loaded.transformer, cfg) as h:
+            def record(i):
+                kind = ("idle" if h.stats["idle_steps"] > kinds.count("idle") else
+                        "partial" if h.stats["partial_steps"] > kinds.count("partial") else "full")
+                kinds.append(kind)
+
+            before = []
+            outs = _drive(loaded, torch.randn(1, *loaded.latent_shape), 12,
+                          on_step=lambda i: (record(i), before.append(len(calls))))
+    finally:
+        hook.remove()
+    # 0-1 warm-up; then idle, partial, idle, partial (full_every 3: two partials), full, ...; 11 final
+    assert kinds == ["full", "full", "idle", "partial", "idle", "partial", "full", "idle", "partial", "idle",
+                     "partial", "full"]
+    ran = [b - a for a, b in zip([0] + before[:-1], before)]
+    assert [r for r, k in zip(ran, kinds) if k == "idle"] == [0] * 4  # block 1 never called on idle steps
+    assert all(r > 0 for r, k in zip(ran, kinds) if k != "idle")
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert h.stats["idle_steps"] == 4 and h.stats["partial_steps"] == 4 and h.stats["full_steps"] == 4
+    tokens = h.stats["tokens_recomputed"] + h.stats["tokens_reused"]
+    assert h.stats["skipped_fraction"] == pytest.approx((4 * 1.0 + 4 * 0.5) * tokens / 12 / tokens)
+
+
+def test_idle_step_output_is_input_plus_cached_residual():
+    """On an idle step the block stack's output is exactly its input plus each token's cached residual."""
+    loaded = load_tiny("tiny-wan")
+    cfg = MotionCacheConfig(recompute_ratio=0.5, warmup_steps=1, full_every=2, final_steps=0, idle_steps=1)
+    blocks = loaded.adapter.blocks(loaded.transformer)
+    seen = {}
+    pre = blocks[0][1].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("in", (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+    post = blocks[-1][1].register_forward_hook(lambda m, a, k, o: seen.__setitem__("out", o), with_kwargs=True)
+    try:
+        with diffspeed.apply(loaded.transformer, cfg) as h:
+            residual = {}
+
+            def on_step(i):
+                if i == 0:  # step 0 was full: remember its residual
+                    residual["r"] = _state(h)["cache"]["residual"].clone()
+
+            _drive(loaded, torch.randn(1, *loaded.latent_shape), 2, on_step=on_step)
+            assert h.stats["idle_steps"] == 1
+            out = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+            torch.testing.assert_close(out, seen["in"] + residual["r"], rtol=0, atol=0)
+    finally:
+        pre.remove()
+        post.remove()
+
+
 def test_image_model_gives_clear_error(tiny_dit):
     expected = r"motion_cache needs a video model \(Wan/CogVideoX\); got DiTTransformer2DModel"
     with pytest.raises(DiffspeedError, match=expected):
@@ -265,6 +323,8 @@ def test_json_and_defaults():
         (dict(full_every=1), "full_every must be an integer >= 2"),
         (dict(max_age=0), "max_age must be an integer >= 1"),
         (dict(final_steps=-1), "final_steps must be an integer >= 0"),
+        (dict(idle_steps=-1), "idle_steps must be an integer >= 0"),
+        (dict(idle_steps=0.5), "idle_steps must be an integer"),
     ],
 )
 def test_bad_config_values(kwargs, match):
