@@ -139,6 +139,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=None, help="comma-separated peer names (default: all)")
     p.add_argument("--ours", default=None, help="comma-separated: step_cache,block_cache,erta_cache,motion_cache")
     p.add_argument("--no-sweep", action="store_true", help="recommended settings only (ours: one setting each)")
+    p.add_argument("--ours-grid", default=None,
+                   help='JSON {"method": [settings, ...]}: these settings replace the sweep of the methods named '
+                        '(e.g. {"erta_cache": [{"calibration_threshold": 0.4, "calibration_max_consecutive": 4}]})')
     p.add_argument("--overhead-model", default=None, help="default: dit-xl-2 on cuda, tiny-dit on cpu")
     p.add_argument("--overhead-batch", type=int, default=None, help="default 8 (2 on cpu)")
     p.add_argument("--overhead-steps", type=int, default=None, help="default 10 (4 with --quick)")
@@ -239,6 +242,26 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
                 out.append(Entry("motion_cache", False, "diffspeed", "sweep", _config_settings(cfg), config=cfg))
             except Exception as exc:  # noqa: BLE001 - a config this script guessed wrong: an error row
                 out.append(Entry("motion_cache", False, "diffspeed", "sweep", {**s, "_error": f"{type(exc).__name__}: {exc}"}))
+    return out
+
+
+def grid_entries(ours: list[Entry], grid: dict[str, list[dict[str, Any]]]) -> list[Entry]:
+    """``ours`` with the entries of each method named in ``grid`` replaced by one entry per given setting."""
+    import diffspeed.methods as methods
+
+    out = [e for e in ours if e.method not in grid]
+    for method, settings_list in grid.items():
+        cls = next((c for c in vars(methods).values()
+                    if isinstance(c, type) and getattr(c, "method", None) == method), None)
+        if cls is None:
+            raise SystemExit(f"--ours-grid: unknown method {method!r}")
+        for settings in settings_list:
+            if method == "erta_cache":  # configured per calibration in Bench._apply
+                out.append(Entry(method, False, "diffspeed", "grid", {"use_timestep_adjust": True,
+                                 "use_residual_correction": True, **settings}, config=cls))
+            else:
+                cfg = cls(**settings)
+                out.append(Entry(method, False, "diffspeed", "grid", _config_settings(cfg), config=cfg))
     return out
 
 
@@ -608,6 +631,8 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
 
     n_blocks = len(get_adapter(bench.loaded.transformer).blocks(bench.loaded.transformer))
     ours = our_entries(bench.loaded.is_video, n_blocks, args.quick, args.no_sweep, _names(args.ours) if args.ours else None)
+    if args.ours_grid:
+        ours = grid_entries(ours, json.loads(args.ours_grid))
     peers = peer_entries(args.quick, args.no_sweep, _names(args.peers) if args.peers else None)
     for steps in _ints(args.steps):
         for batch in batches:

@@ -282,3 +282,18 @@ def test_caching_benchmark_budget_and_judge(tmp_path, capsys, monkeypatch):
     bench.measure(caching.Entry("full", False, "full", "full", {}))
     row = bench.measure(caching.our_entries(False, 2, True, False, ["step_cache"])[0])
     assert rows[0]["judge_accuracy"] == 0.5 and row["judge_accuracy"] == 0.5 and row["restored"]
+
+
+def test_caching_benchmark_ours_grid_replaces_the_sweep():
+    caching = _load_caching_module()
+    ours = caching.our_entries(True, 4, False, False, ["step_cache", "erta_cache", "motion_cache"])
+    grid = {"erta_cache": [{"calibration_threshold": 0.4, "calibration_max_consecutive": 4}],
+            "motion_cache": [{"recompute_ratio": 0.35, "idle_steps": 1}]}
+    out = caching.grid_entries(ours, grid)
+    assert [e for e in out if e.method == "step_cache"] == [e for e in ours if e.method == "step_cache"]
+    erta = [e for e in out if e.method == "erta_cache"]
+    motion = [e for e in out if e.method == "motion_cache"]
+    assert len(erta) == 1 and erta[0].settings["calibration_max_consecutive"] == 4
+    assert len(motion) == 1 and motion[0].config.idle_steps == 1 and motion[0].settings["recompute_ratio"] == 0.35
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        caching.grid_entries(ours, {"nope": [{}]})
