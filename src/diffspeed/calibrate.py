@@ -128,19 +128,8 @@ def build_schedule(
     final_steps: int = 1,
 ) -> list[bool]:
     """Static reuse schedule from per-step residual changes (``changes[0]`` is unused: step 0 is computed)."""
-    n = len(changes)
-    schedule = [False] * n
-    acc, consecutive = 0.0, 0
-    for k in range(n):
-        delta = changes[k]
-        in_window = k >= max(1, warmup_steps) and k < n - final_steps
-        if in_window and delta is not None and consecutive < max_consecutive and acc + delta < threshold:
-            schedule[k] = True
-            acc += delta
-            consecutive += 1
-        else:
-            acc, consecutive = 0.0, 0
-    return schedule
+    return _mark_runs(changes, threshold=threshold, max_consecutive=max_consecutive, warmup_steps=warmup_steps,
+                      final_steps=final_steps)
 
 
 def build_guidance_schedule(
@@ -161,25 +150,31 @@ def build_guidance_schedule(
     ``max_consecutive`` computed steps in a row did so. Steps already reused by ``schedule`` are never
     marked (they run no block at all).
     """
+    return _mark_runs(changes, threshold=threshold, max_consecutive=max_consecutive, warmup_steps=warmup_steps,
+                      final_steps=final_steps, carried=schedule)
+
+
+def _mark_runs(changes: Sequence[float | None], *, threshold: float, max_consecutive: int, warmup_steps: int,
+               final_steps: int, carried: Sequence[bool] | None = None) -> list[bool]:
+    """Mark steps while the accumulated change stays below ``threshold`` (at most ``max_consecutive`` in a row,
+    none in the warm-up / final steps); an unmarked step resets the run. ``carried`` steps add their change
+    to the accumulator without being marked or breaking the run."""
     n = len(changes)
-    out = [False] * n
+    marks = [False] * n
     acc, consecutive = 0.0, 0
     for k in range(n):
         delta = changes[k]
-        if delta is None:  # nothing to compare with yet: this step must compute both halves
-            acc, consecutive = 0.0, 0
-            continue
-        if schedule[k]:
+        if carried is not None and carried[k] and delta is not None:
             acc += delta
             continue
         in_window = k >= max(1, warmup_steps) and k < n - final_steps
-        if in_window and consecutive < max_consecutive and acc + delta < threshold:
-            out[k] = True
+        if in_window and delta is not None and consecutive < max_consecutive and acc + delta < threshold:
+            marks[k] = True
             acc += delta
             consecutive += 1
         else:
             acc, consecutive = 0.0, 0
-    return out
+    return marks
 
 
 # ---- file I/O ---------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from torch import nn
 from ..adapters.base import BlockIO, ModelAdapter
 from ..context import get_context
 from ..errors import DiffspeedError, IncompatibleMethodsError
-from ..hooks import wrap_forward
+from ..hooks import output_tensor, wrap_forward
 from .base import MethodConfig, MethodHandle, Stage, applied_methods, register_method
 
 
@@ -120,40 +120,6 @@ def scale_prediction(sample: torch.Tensor, scale: float, model: nn.Module) -> to
     return sample * scale
 
 
-def scale_model_output(out: Any, scale: float, model: nn.Module) -> Any:
-    """Scale the ``sample`` of a transformer's return value: tensor, tuple/list (first item) or diffusers output."""
-    if isinstance(out, torch.Tensor):
-        return scale_prediction(out, scale, model)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return type(out)([scale_prediction(out[0], scale, model), *out[1:]])
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        out.sample = scale_prediction(sample, scale, model)  # diffusers BaseOutput keeps its dict in sync
-        return out
-    raise DiffspeedError(
-        f"erta_cache cannot find the prediction in the transformer output of type {type(out).__name__}; "
-        "expected a tensor, a tuple whose first item is the prediction, or an object with `.sample`"
-    )
-
-
-def corrected_residual(r_m: torch.Tensor, r_prev: torch.Tensor | None, a: float, b: float) -> torch.Tensor:
-    """``a r_m + b (r_m - r_prev)``; exactly ``r_m`` for ``(1, 0)`` (plain reuse, bit-identical)."""
-    if b != 0.0 and r_prev is not None and r_prev.shape == r_m.shape:
-        out = torch.add(r_m * (a + b), r_prev, alpha=-b)
-        return out
-    return r_m if a == 1.0 else r_m * a
-
-
-def model_sample(out: Any) -> torch.Tensor | None:
-    """The prediction tensor of a transformer's return value (tensor, first tuple item, or ``.sample``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else None
-
-
 def with_sample(out: Any, sample: torch.Tensor) -> Any:
     """``out`` with its prediction tensor replaced by ``sample`` (same container type)."""
     if isinstance(out, torch.Tensor):
@@ -162,6 +128,25 @@ def with_sample(out: Any, sample: torch.Tensor) -> Any:
         return type(out)([sample, *out[1:]])
     out.sample = sample
     return out
+
+
+def scale_model_output(out: Any, scale: float, model: nn.Module) -> Any:
+    """Scale the ``sample`` of a transformer's return value: tensor, tuple/list (first item) or diffusers output."""
+    sample = output_tensor(out)
+    if sample is None:
+        raise DiffspeedError(
+            f"erta_cache cannot find the prediction in the transformer output of type {type(out).__name__}; "
+            "expected a tensor, a tuple whose first item is the prediction, or an object with `.sample`"
+        )
+    return with_sample(out, scale_prediction(sample, scale, model))  # diffusers BaseOutput keeps its dict in sync
+
+
+def corrected_residual(r_m: torch.Tensor, r_prev: torch.Tensor | None, a: float, b: float) -> torch.Tensor:
+    """``a r_m + b (r_m - r_prev)``; exactly ``r_m`` for ``(1, 0)`` (plain reuse, bit-identical)."""
+    if b != 0.0 and r_prev is not None and r_prev.shape == r_m.shape:
+        out = torch.add(r_m * (a + b), r_prev, alpha=-b)
+        return out
+    return r_m if a == 1.0 else r_m * a
 
 
 def second_half(value: Any, rows: int) -> Any:
@@ -319,7 +304,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
                 st["half"] = True
                 stats["guidance_reused_steps"] += 1
                 out = inner(*second_half(args, rows), **second_half(kwargs, rows))
-                sample = model_sample(out)
+                sample = output_tensor(out)
                 if sample is None:
                     raise DiffspeedError(f"erta_cache guidance reuse cannot find the prediction in {type(out).__name__}")
                 return with_sample(out, rebuild_first_half(sample, stale_difference(st["d_out"], step, order)))
@@ -331,7 +316,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
                 stats["dt_adjusted_steps"] += 1
                 out = scale_model_output(out, scale, model)
         elif track and ctx.cfg_batched:
-            sample = model_sample(out)
+            sample = output_tensor(out)
             if sample is not None and sample.shape[0] % 2 == 0:
                 remember(st.setdefault("d_out", []), step, half_difference(sample))
         return out
