@@ -534,3 +534,18 @@ def test_stale_difference_extrapolates_linearly():
     assert torch.equal(stale_difference(hist, 8, order=0)[0], torch.tensor([5.0]))
     ext = stale_difference(hist, 8, order=1)
     assert torch.equal(ext[0], torch.tensor([7.0])) and ext[1] is None
+
+
+def test_cli_guidance_threshold(tmp_path):
+    from typer.testing import CliRunner
+
+    out = tmp_path / "g.json"
+    result = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "8", "--seeds", "2", "--guidance", "3",
+                                      "--threshold", "50", "--guidance-threshold", "50", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = load_calibration(out)
+    assert data["guidance_reuse"] == [False] * 5 + [True, False, False] and data["guidance_order"] == 0
+    assert "1 computed steps run the cond half only" in result.output
+    bad = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "4", "--guidance", "1",
+                                   "--guidance-threshold", "0.1", "--out", str(tmp_path / "b.json")])
+    assert bad.exit_code == 2 and "needs guidance > 1" in bad.output
