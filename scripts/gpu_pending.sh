@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements still pending after session 5, one stage per device call (each ends < 9 min).
+# The GPU measurements still pending after session 6, one stage per device call (each ends < 9 min).
 # Run from the repository root on the GPU machine with `.whl/` carried (diffusers, cache-dit, torchao,
 # importlib_metadata wheels); every stage writes its files under $OUT (at most 8 files per call).
 #
 #   OUT=$OUT bash scripts/gpu_pending.sh quant      # issue 6: int8 / int4-dequant speed at FLUX width, then DiT-XL/2 batch 64
 #   OUT=$OUT bash scripts/gpu_pending.sh quantfid   # issue 6: GPTQ vs round-to-nearest fidelity rows in bf16
 #   OUT=$OUT bash scripts/gpu_pending.sh fp8profile # issue 6: where ours vs torchao's fp8 step time goes (DiT-XL/2 b64)
-#   OUT=$OUT bash scripts/gpu_pending.sh erta25     # issue 4: erta_cache with reuse-cost schedules vs MagCache, 25 steps, b64
-#   OUT=$OUT bash scripts/gpu_pending.sh overhead   # issue 4: never-skip overhead at a GPU-bound batch (b8 eager was noise-limited)
-#   OUT=$OUT bash scripts/gpu_pending.sh tokens     # issue 4: MotionCache at video batch 8
+#   OUT=$OUT bash scripts/gpu_pending.sh erta50     # issue 4: erta_cache max_consecutive 4 + guidance reuse vs MagCache, 50 steps, b64
+#   OUT=$OUT bash scripts/gpu_pending.sh motion     # issue 4: MotionCache with idle steps, video batch 8 and 32, vs MagCache / TaylorSeer-lite
+#   OUT=$OUT bash scripts/gpu_pending.sh overhead   # issue 4: the peers' never-skip overhead at batch 64 (ours: session 6 run 1)
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
-#   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (fp8 kernel, quant formats incl. int4 dequant): run first after the session-5 review
+#   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (fp8 kernel, quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 erta25|overhead|quant|quantfid|fp8profile|tokens|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 erta50|motion|overhead|quant|quantfid|fp8profile|attention|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -27,15 +27,17 @@ case "$STAGE" in
   quantfid)
     python3 benchmarks/quantization.py --stages fidelity --samples 64 --calib-seeds 8 --configs "g32,g64,int8_w8a8 dynamic" \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/quant_gptq.json" ;;
-  erta25)
-    python3 benchmarks/caching.py --models reference-image --steps 25 --image-batches 64 --stages image \
-      --ours erta_cache,step_cache --peers magcache --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_erta25.json" ;;
+  erta50)
+    G='{"erta_cache":[{"calibration_threshold":0.3,"calibration_max_consecutive":4},{"calibration_threshold":0.4,"calibration_max_consecutive":4},{"calibration_threshold":0.3,"calibration_max_consecutive":4,"calibration_guidance_threshold":0.1},{"calibration_threshold":0.4,"calibration_max_consecutive":4,"calibration_guidance_threshold":0.1},{"calibration_threshold":0.3,"calibration_guidance_threshold":0.1}]}'
+    python3 benchmarks/caching.py --models reference-image --steps 50 --image-batches 64 --stages image --ours erta_cache \
+      --ours-grid "$G" --peers magcache --budget-s 300 --hard-limit-s 330 --out "$OUT/caching_img50_g.json" --plot "$OUT/caching_img50_g.png" ;;
+  motion)
+    python3 benchmarks/caching.py --models reference-video --steps 50 --video-batches 8,32 --ours motion_cache \
+      --peers magcache,taylorseer_lite --stages video --budget-s 400 --hard-limit-s 430 --out "$OUT/caching_motion_idle.json" \
+      --plot "$OUT/caching_motion_idle.png" ;;
   overhead)
     python3 benchmarks/caching.py --stages overhead --overhead-batch 64 --overhead-steps 10 --overhead-repeats 9 \
-      --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_overhead_b64.json" ;;
-  tokens)
-    python3 benchmarks/caching.py --models reference-video --steps 50 --video-batches 8 --ours motion_cache \
-      --stages video --budget-s 500 --hard-limit-s 530 --out "$OUT/caching_motion_b8.json" ;;
+      --peers magcache,dbcache,fbc --budget-s 300 --hard-limit-s 330 --out "$OUT/caching_overhead_peers.json" ;;
   attention)
     python3 benchmarks/attention.py --seq-lens 32768 --head-dims 128 --compensate both \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/attention_comp.json" --plot "$OUT/attention_comp.png" ;;

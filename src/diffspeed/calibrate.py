@@ -28,6 +28,9 @@ what :class:`~diffspeed.methods.erta_cache.ErtaCacheConfig` needs into a small J
      |dt v_hat|^2`` (least squares over all samples): the scale of the Euler interval that brings the
      cached state ``x_k`` closest to the *full* trajectory's next state ``x*_{k+1}``, clamped to
      ``dt_scale_bounds``; the cached state then advances with it.
+   With ``guidance_threshold`` set, computed steps marked by :func:`build_guidance_schedule` are
+   simulated exactly as ``erta_cache`` runs them (uncond half rebuilt from the stored branch
+   difference), so the corrections are fitted on the trajectory the method really follows.
 4. **Validation** (``validate=True``): the method is run on the calibration samples with the fitted
    corrections, with plain reuse, and (only if needed) with each correction alone; a correction
    is kept only if it lowers the final-latent MSE against the full model on those samples (otherwise
@@ -49,6 +52,7 @@ File format (JSON, never pickle; written atomically)::
      "model": {"class": ..., "config_hash": ..., "name": ...},
      "num_steps": N, "guidance_scale": g, "shift": s, "timesteps": [...],
      "schedule": [bool] * N, "dt_scale": [float] * N, "residual_coeffs": [[a, b] | null] * N,
+     "guidance_reuse": [bool] * N, "guidance_order": 0 | 1,   (optional: absent = no guidance reuse)
      "calibration": {"seeds": [...], "labels": [...], "threshold": ..., ...},
      "stats": {"rel_l1_change": [...], "reused_steps": ..., "validation": {...}, ...}}
 """

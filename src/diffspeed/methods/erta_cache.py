@@ -24,6 +24,14 @@ integrated over the fixed interval of the schedule), and fixes each with somethi
    output channels, the prediction, are scaled). Both CFG branches are scaled, so the guided
    velocity is scaled too (CFG is linear).
 
+4. **Guidance reuse** (ours, opt-in at calibration: ``--guidance-threshold``). On the calibration's
+   ``guidance_reuse`` steps, which are *computed* steps, a batched-CFG call runs only its second
+   (cond) half through the model, and the first (uncond) half of the output and of the block-stack
+   residual is rebuilt as ``cond - d`` from the branch difference ``d`` of the last step that
+   computed both halves (``guidance_order`` 1: extrapolated from the last two). Half the block work
+   of those steps; the guided velocity keeps a slightly stale guidance direction. Separate cond /
+   uncond calls have nothing to halve: they compute in full (``guidance_reuse_unavailable``).
+
 Apply loads the calibration JSON and refuses (naming the fix) when the file is missing, corrupt or
 of another format version, when it was made for another model class / config, and, at the first
 forward of a generation, when the generation's step count differs from the calibrated one. A
@@ -31,7 +39,7 @@ reused step skips every block (block 0 adds the corrected residual, the others p
 ``step_cache``. The schedule is the same for cond and uncond; residual state is per CFG branch
 (:meth:`~diffspeed.context.StepContext.state`). ``handle.stats``: ``computed_steps``,
 ``skipped_steps``, ``skipped_blocks`` (per forward call, so separate-CFG runs count each branch),
-plus ``corrected_steps`` and ``dt_adjusted_steps``.
+plus ``corrected_steps``, ``dt_adjusted_steps``, ``guidance_reused_steps`` and ``guidance_reuse_unavailable``.
 
 Differences from the paper (see also :mod:`diffspeed.calibrate`): the schedule is built from the
 step-to-step residual change of the full trajectory (the paper profiles the reuse error of
