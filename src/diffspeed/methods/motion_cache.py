@@ -22,6 +22,13 @@ Design (what runs, per forward call of the transformer):
   tokens. The patch embedding and the output head always run on all tokens, so the current latents
   and timestep are honoured everywhere. CogVideoX's text tokens (its blocks' ``encoder_hidden_states``)
   are always computed in full; only video tokens are reduced.
+* **Idle steps** (``idle_steps=m``, default 0): before each partial step, ``m`` steps on which no
+  token is due: no block runs, every token gets its current input plus its cached residual (the
+  paper's per-token update frequencies taken to the step where none is due). The recomputed
+  (moving) tokens are then updated every ``m + 1`` steps and the static ones on full steps, so a
+  cycle ``full, (idle x m, partial) x (full_every - 1)`` costs one full step plus ``full_every - 1``
+  partial ones. Ages grow on idle steps too: raise ``max_age`` with ``idle_steps`` (the benchmark
+  uses ``4 (m + 1)``), or the stale-first rule spends the partial steps on static tokens.
 * **Full-context attention** (``full_context=True``, the default): the recomputed tokens'
   self-attention queries attend to keys / values of *every* token. Each block's self-attention input
   (the normalised, modulated hidden states) is cached per token on full steps; on a partial step
@@ -74,7 +81,7 @@ CogVideoX rotary table (shape ``(N, d)``, shared by the batch) the rows share on
 mean priority across rows) because the attention processor cannot take a per-row table.
 
 State is per CFG branch (:meth:`~diffspeed.context.StepContext.state`); separate cond / uncond
-forwards keep separate caches. ``handle.stats``: ``full_steps``, ``partial_steps`` (forward
+forwards keep separate caches. ``handle.stats``: ``full_steps``, ``partial_steps``, ``idle_steps`` (forward
 calls), ``tokens_recomputed`` (token rows run through the block stack, full steps included),
 ``tokens_reused`` and ``skipped_fraction`` (share of token-block computations skipped over the
 generation; it counts token rows, so with full-context attention the FLOPs saved are somewhat less,
