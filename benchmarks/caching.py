@@ -247,14 +247,15 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
 
 def grid_entries(ours: list[Entry], grid: dict[str, list[dict[str, Any]]]) -> list[Entry]:
     """``ours`` with the entries of each method named in ``grid`` replaced by one entry per given setting."""
-    import diffspeed.methods as methods
+    from diffspeed.errors import DiffspeedError
+    from diffspeed.methods.base import config_class
 
     out = [e for e in ours if e.method not in grid]
     for method, settings_list in grid.items():
-        cls = next((c for c in vars(methods).values()
-                    if isinstance(c, type) and getattr(c, "method", None) == method), None)
-        if cls is None:
-            raise SystemExit(f"--ours-grid: unknown method {method!r}")
+        try:
+            cls = config_class(method)
+        except DiffspeedError as exc:
+            raise SystemExit(f"--ours-grid: {exc}") from None
         for settings in settings_list:
             if method == "erta_cache":  # configured per calibration in Bench._apply
                 out.append(Entry(method, False, "diffspeed", "grid", {"use_timestep_adjust": True,

@@ -549,3 +549,15 @@ def test_cli_guidance_threshold(tmp_path):
     bad = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "4", "--guidance", "1",
                                    "--guidance-threshold", "0.1", "--out", str(tmp_path / "b.json")])
     assert bad.exit_code == 2 and "needs guidance > 1" in bad.output
+
+
+def test_difference_sources_are_the_full_steps_a_guidance_step_reads():
+    from diffspeed.methods.erta_cache import difference_sources
+
+    #            0      1      2     3      4      5     6      7
+    schedule = [False, False, True, False, False, True, False, False]
+    guidance = [False, False, False, False, True, False, True, False]
+    # step 4 reads step 3 (order 0) or 1 and 3 (order 1); step 6 reads 3 again (step 4 only ran half)
+    assert difference_sources(schedule, guidance, 0) == {3}
+    assert difference_sources(schedule, guidance, 1) == {1, 3}
+    assert difference_sources(schedule, [False] * 8, 0) == set()

@@ -354,9 +354,10 @@ class _Runner:
         """The guided velocity at ``x``, step ``i`` (as the sampler computes it), and the residual (h, e).
 
         ``cfg`` (batched CFG only) is one sample's guidance-reuse state: the true output branch
-        difference goes to ``cfg["d_true"]``; with ``cfg["reuse"]`` the uncond half of the output and
-        of the residual is rebuilt from the stored ``cfg["d_out"]`` / ``cfg["d_res"]`` exactly as
-        ``erta_cache`` does at run time, else a computed step stores them.
+        difference goes to ``cfg["d_true"]`` (profiling). With ``cfg["order"]`` set the method is
+        simulated: with ``cfg["reuse"]`` the uncond half of the output and of the residual is rebuilt
+        from the stored ``cfg["d_out"]`` / ``cfg["d_res"]`` exactly as ``erta_cache`` does at run
+        time, else a computed step stores them.
         """
         from .methods.erta_cache import half_difference, injected_residual, rebuild_first_half, remember, stale_difference
 
@@ -372,9 +373,10 @@ class _Runner:
                 out_u, out_c = both.chunk(2)
                 if cfg is not None:
                     cfg["d_true"] = out_c - out_u
-                    if cfg.get("reuse"):
+                    simulate = "order" in cfg  # else profiling: the true difference is all that is wanted
+                    if simulate and cfg.get("reuse"):
                         out_u = out_c - stale_difference(cfg["d_out"], i, cfg["order"])
-                    elif inject is None:
+                    elif simulate and inject is None:
                         remember(cfg.setdefault("d_out", []), i, cfg["d_true"])
                 v = out_u + self.g * (out_c - out_u)
             else:
@@ -388,7 +390,7 @@ class _Runner:
             (h_in, e_in), (h_out, e_out) = self.cap["in"], self.cap["out"]
             res_e = e_out - e_in if (e_in is not None and e_out is not None and e_out.shape == e_in.shape) else None
             res_h = h_out - h_in
-            if cfg is not None and self.use_cfg:
+            if cfg is not None and self.use_cfg and "order" in cfg:
                 if cfg.get("reuse"):
                     d_h, d_e = stale_difference(cfg["d_res"], i, cfg["order"])
                     res_h = rebuild_first_half(res_h.chunk(2)[1], d_h)

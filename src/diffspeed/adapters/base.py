@@ -60,6 +60,10 @@ class BlockIO:
         values = {"hidden": hidden, "encoder": encoder}
         return tuple(values[name] for name in self.returns)
 
+    def pass_through(self, args: tuple, kwargs: dict) -> Any:
+        """What a skipped block returns: its input states unchanged, in the block's own format."""
+        return self.make_output(*self.get_states(args, kwargs))
+
 
 @dataclass
 class BlockGroup:

@@ -197,6 +197,19 @@ def stale_difference(history: list[tuple[int, Any]], step: int, order: int) -> A
     return tuple(ext(a, b) for a, b in zip(d_m, d_prev)) if isinstance(d_m, tuple) else ext(d_m, d_prev)
 
 
+def difference_sources(schedule: list[bool], guidance: list[bool], order: int) -> set[int]:
+    """The fully computed steps whose branch difference a later guidance step reads: the last one
+    before it (``order`` 0) or the last two (``order`` 1). Only these store a difference at run time."""
+    full: list[int] = []
+    sources: set[int] = set()
+    for k, (reused, half) in enumerate(zip(schedule, guidance)):
+        if half and not reused:
+            sources.update(full[-(order + 1):])
+        elif not reused:
+            full.append(k)
+    return sources
+
+
 def half_difference(full: torch.Tensor) -> torch.Tensor:
     """``second half - first half`` of a batched-CFG tensor (the branch difference to reuse)."""
     first, second = full.chunk(2)
@@ -267,8 +280,8 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
     guidance: list[bool] = [bool(g) for g in (data.get("guidance_reuse") or [False] * n_cal)]
     if not config.use_guidance_reuse:
         guidance = [False] * n_cal
-    track = any(guidance)  # branch differences are stored only when some step will reuse them
     order = int(data.get("guidance_order", 0))
+    sources = difference_sources(schedule, guidance, order)  # steps that store their branch difference
     dt_scale: list[float] = [float(s) for s in data["dt_scale"]] if config.use_timestep_adjust else ones
     coeffs: list[tuple[float, float]] = [
         (float(c[0]), float(c[1])) if (c is not None and config.use_residual_correction) else (1.0, 0.0)
@@ -323,7 +336,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
             if scale != 1.0:
                 stats["dt_adjusted_steps"] += 1
                 out = scale_model_output(out, scale, model)
-        elif track and ctx.cfg_batched:
+        elif step in sources and ctx.cfg_batched:
             sample = output_tensor(out)
             if sample is not None and sample.shape[0] % 2 == 0:
                 remember(st.setdefault("d_out", []), step, half_difference(sample))
@@ -338,7 +351,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
             d_h, d_e = stale_difference(st["d_res"], ctx.step_index, order)
             res_h = rebuild_first_half(res_h, d_h)
             res_e = rebuild_first_half(res_e, d_e) if (res_e is not None and d_e is not None) else None
-        elif track and ctx.cfg_batched and res_h.shape[0] % 2 == 0:
+        elif ctx.step_index in sources and ctx.cfg_batched and res_h.shape[0] % 2 == 0:
             remember(st.setdefault("d_res", []), ctx.step_index,
                      (half_difference(res_h),
                       half_difference(res_e) if (res_e is not None and res_e.shape[0] % 2 == 0) else None))
@@ -375,8 +388,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
     def other_block(io: BlockIO, is_last: bool, inner: Any, *args: Any, **kwargs: Any) -> Any:
         st = ctx.state(key)
         if st.get("skipping"):
-            hidden, encoder = io.get_states(args, kwargs)
-            return io.make_output(hidden, encoder)  # pass-through: the residual was added at block 0
+            return io.pass_through(args, kwargs)  # the residual was added at block 0
         out = inner(*args, **kwargs)
         if is_last and "inputs" in st:
             store_residual(io, st, out)

@@ -275,16 +275,10 @@ def apply_motion_cache(model: nn.Module, config: MotionCacheConfig, adapter: Mod
         latent = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
         ok = isinstance(latent, torch.Tensor) and latent.dim() == 5
         partial = ok and partial_allowed(st)
-        idle = False
-        if not partial:
-            st["idle_run"] = 0
-        elif st.get("idle_run", 0) < config.idle_steps:  # no token is due yet: reuse every token
-            st["idle_run"] = st.get("idle_run", 0) + 1
-            idle = True
-        else:
-            st["idle_run"] = 0
-        st["plan"] = {"partial": partial and not idle, "idle": idle, "latent": latent if ok else None,
-                      "started": False}
+        run = st.get("idle_run", 0)
+        idle = partial and run < config.idle_steps  # no token is due yet: every token reuses its residual
+        st["idle_run"] = run + 1 if idle else 0
+        st["plan"] = {"partial": partial, "idle": idle, "latent": latent if ok else None, "started": False}
         try:
             return inner(*args, **kwargs)
         finally:

@@ -137,8 +137,7 @@ def apply_step_cache(model: nn.Module, config: StepCacheConfig, adapter: ModelAd
     def middle_block(io: BlockIO, is_last: bool, inner: Any, *args: Any, **kwargs: Any) -> Any:
         st = ctx.state(key)
         if st.get("skipping"):
-            hidden, encoder = io.get_states(args, kwargs)
-            return io.make_output(hidden, encoder)  # pass-through: the residual was added at block 0
+            return io.pass_through(args, kwargs)  # the residual was added at block 0
         out = inner(*args, **kwargs)
         if is_last:
             _store_residual(io, st, out)

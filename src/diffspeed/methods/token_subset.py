@@ -285,17 +285,13 @@ class TokenSubsetRunner:
         cache = st.get("cache")
         idle = bool(plan.get("idle")) and cache is not None and cache["residual"].shape == hidden.shape
         plan["idle"] = idle
+        partial = (not idle and plan["partial"] and (not self.require_3d or hidden.dim() == 3)
+                   and self.select(st, plan, hidden, rotary))
+        plan["partial"] = partial
         if idle:  # no token is due: every token reuses its cached residual, no block runs
             stats["idle_steps"] += 1
             stats["tokens_reused"] += b * n
-            total = stats["tokens_recomputed"] + stats["tokens_reused"]
-            stats["skipped_fraction"] = stats["tokens_reused"] / total if total else 0.0
-            plan["partial"] = False
-            return
-        partial = (plan["partial"] and (not self.require_3d or hidden.dim() == 3)
-                   and self.select(st, plan, hidden, rotary))
-        plan["partial"] = partial
-        if partial:
+        elif partial:
             k = plan["k"]
             st["partials"] = st.get("partials", 0) + 1
             stats["partial_steps"] += 1
@@ -352,17 +348,17 @@ class TokenSubsetRunner:
         plan["block"] = i
         if i == 0:
             self.start(st, plan, io, args, kwargs)
-        if plan.get("idle"):
+        if plan["idle"]:
             if i == 0:
                 cache = st["cache"]
                 cache["age"] = cache["age"] + 1
                 _, encoder = io.get_states(args, kwargs)
-                hidden = plan["h_in"] + cache["residual"]
+                out = io.make_output(plan["h_in"] + cache["residual"], encoder)
             else:
-                hidden, encoder = io.get_states(args, kwargs)  # pass-through: the residual was added at block 0
+                out = io.pass_through(args, kwargs)  # the residual was added at block 0
             if i == self.n_blocks - 1:
                 plan["started"] = False
-            return io.make_output(hidden, encoder)
+            return out
         if plan["partial"]:
             args, kwargs = self.reduce_args(plan, i == 0, io, args, kwargs)
         out = inner(*args, **kwargs)
