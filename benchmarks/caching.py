@@ -142,6 +142,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-grid", default=None,
                    help='JSON {"method": [settings, ...]}: these settings replace the sweep of the methods named '
                         '(e.g. {"erta_cache": [{"calibration_threshold": 0.4, "calibration_max_consecutive": 4}]})')
+    p.add_argument("--peers-grid", default=None,
+                   help='JSON {"peer": [settings, ...]}: these settings (over the peer\'s recommended ones) replace its '
+                        'sweep (e.g. {"magcache": [{"threshold": 0.24, "max_skip_steps": 6}]}); its recommended row stays')
     p.add_argument("--overhead-model", default=None, help="default: dit-xl-2 on cuda, tiny-dit on cpu")
     p.add_argument("--overhead-batch", type=int, default=None, help="default 8 (2 on cpu)")
     p.add_argument("--overhead-steps", type=int, default=None, help="default 10 (4 with --quick)")
@@ -220,11 +223,14 @@ def our_entries(is_video: bool, n_blocks: int, quick: bool, no_sweep: bool, only
             out.append(Entry("erta_cache", False, "diffspeed", "reuse-cost",
                              {"calibration_reuse_fraction": f, "use_timestep_adjust": True,
                               "use_residual_correction": True}, config=erta_cls))
-        # longer reuse runs (calibration max_consecutive 4) and CFG branch-difference reuse on computed steps
+        # longer reuse runs (calibration max_consecutive 4-6) and CFG branch-difference reuse on computed steps
         for extra in () if quick or no_sweep else (
                 {"calibration_threshold": 0.3, "calibration_max_consecutive": 4},
                 {"calibration_threshold": 0.4, "calibration_max_consecutive": 4},
                 {"calibration_threshold": 0.5, "calibration_max_consecutive": 4},
+                {"calibration_threshold": 0.25, "calibration_max_consecutive": 5},
+                {"calibration_threshold": 0.25, "calibration_max_consecutive": 6},
+                {"calibration_threshold": 0.3, "calibration_max_consecutive": 6},
                 {"calibration_threshold": 0.3, "calibration_guidance_threshold": 0.05},
                 {"calibration_threshold": 0.3, "calibration_guidance_threshold": 0.1}):
             out.append(Entry("erta_cache", False, "diffspeed", "sweep",
@@ -266,14 +272,22 @@ def grid_entries(ours: list[Entry], grid: dict[str, list[dict[str, Any]]]) -> li
     return out
 
 
-def peer_entries(quick: bool, no_sweep: bool, only: list[str] | None) -> list[Entry]:
+def peer_entries(quick: bool, no_sweep: bool, only: list[str] | None,
+                 grid: dict[str, list[dict[str, Any]]] | None = None) -> list[Entry]:
+    """The peers' recommended settings and sweeps; ``grid`` replaces the sweep of the peers it names."""
     from diffspeed.bench.peers import PEERS
 
+    unknown = sorted(set(grid or {}) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"--peers-grid: unknown peer(s) {unknown}; known: {sorted(PEERS)}")
     out = []
     for name, peer in PEERS.items():
         if only is not None and name not in only:
             continue
         out.append(Entry(name, True, peer.family, "recommended", dict(peer.recommended), peer_obj=peer))
+        if grid and name in grid:
+            out += [Entry(name, True, peer.family, "grid", {**peer.recommended, **s}, peer_obj=peer) for s in grid[name]]
+            continue
         sweep = [] if no_sweep else (peer.sweep[:1] if quick else peer.sweep)
         for s in sweep:
             out.append(Entry(name, True, peer.family, "sweep", {**peer.recommended, **s}, peer_obj=peer))
@@ -634,7 +648,8 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
     ours = our_entries(bench.loaded.is_video, n_blocks, args.quick, args.no_sweep, _names(args.ours) if args.ours else None)
     if args.ours_grid:
         ours = grid_entries(ours, json.loads(args.ours_grid))
-    peers = peer_entries(args.quick, args.no_sweep, _names(args.peers) if args.peers else None)
+    peers = peer_entries(args.quick, args.no_sweep, _names(args.peers) if args.peers else None,
+                         json.loads(args.peers_grid) if args.peers_grid else None)
     for steps in _ints(args.steps):
         for batch in batches:
             label = f"{name} steps={steps} batch={batch}"

@@ -3,7 +3,8 @@
 
 Models (``--models``, default ``wan-1.3b,reference-video``): real-size random-weight Wan2.1-T2V-1.3B at
 as many latent frames of 480x832 as fit (``--frames`` candidates, default 21,13,9,5 latent frames =
-81,49,33,17 video frames; latents (16, F, 60, 104)), tried in order, falling back to fewer frames
+81,49,33,17 video frames; latents (16, F, 60, 104); ``--resolutions`` adds sizes such as 720x1280),
+tried in order, falling back to fewer frames
 on out-of-memory (the row's ``latent_shape`` says what ran), and the trained reference video model
 (1024 tokens). bf16 on CUDA, fp32 on CPU.
 
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--models", default="wan-1.3b,reference-video")
     p.add_argument("--frames", default="21,13,9,5", help="latent frame candidates for wan-1.3b, largest first")
+    p.add_argument("--resolutions", default="480x832",
+                   help="comma list of HxW video pixel sizes for wan-1.3b (latent H/8 x W/8), e.g. 480x832,720x1280")
     p.add_argument("--chunks", default="8192:8192,4096:4096,1024:1024,4096:0,1024:1024:plain",
                    help="comma list of chunk_tokens:attention_query_chunk[:plain] (plain = wan_grouping off)")
     p.add_argument("--sdpa", default="default,math", help="default and/or math")
@@ -95,6 +98,17 @@ def parse_chunk(spec: str) -> tuple[int, int, bool]:
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "plain"):
         raise SystemExit(f"--chunks entry {spec!r}: expected ff:attn or ff:attn:plain")
     return int(parts[0]), int(parts[1]), len(parts) == 2
+
+
+def parse_resolution(spec: str) -> tuple[int, int]:
+    """``HxW`` in video pixels -> latent (H/8, W/8); both must be multiples of 16 (VAE 8x, patch 2x)."""
+    try:
+        h, w = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--resolutions entry {spec!r}: expected HxW, e.g. 480x832") from None
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise SystemExit(f"--resolutions entry {spec!r}: height and width must be positive multiples of 16")
+    return h // 8, w // 8
 
 
 def ratio(base: float | None, value: float | None) -> float | None:
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     frames_cand = [int(f) for f in args.frames.split(",") if f.strip()]
+    resolutions = [parse_resolution(r) for r in args.resolutions.split(",") if r.strip()]
     chunks = [parse_chunk(c) for c in args.chunks.split(",") if c.strip()]
     sdpa_modes = [s.strip() for s in args.sdpa.split(",") if s.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -220,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         cond = loaded.make_condition([0], device)
         base_shape = tuple(loaded.latent_shape)
         frame_list = frames_cand if model_name == "wan-1.3b" else [base_shape[1]]
-        for sdpa in sdpa_modes:
+        sizes = resolutions if model_name == "wan-1.3b" else [tuple(base_shape[2:])]
+        for sdpa, size in [(s_, z_) for s_ in sdpa_modes for z_ in sizes]:
             for frames in frame_list:
-                shape = (base_shape[0], frames, *base_shape[2:])
+                shape = (base_shape[0], frames, *size)
                 tokens = (frames // pt[0]) * (shape[2] // pt[1]) * (shape[3] // pt[2])
                 ctx = (lambda: sdpa_kernel([SDPBackend.MATH])) if sdpa == "math" else (lambda: torch.no_grad())
                 used = "math" if sdpa == "math" else sdpa_pick(heads, tokens, hd, device, dtype)

@@ -10,9 +10,11 @@
 #   OUT=$OUT bash scripts/gpu_pending.sh motion     # issue 4: MotionCache with idle steps, video batch 8 and 32, vs MagCache / TaylorSeer-lite
 #   OUT=$OUT bash scripts/gpu_pending.sh overhead   # issue 4: the peers' never-skip overhead at batch 64 (ours: session 6 run 1)
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
+#   OUT=$OUT bash scripts/gpu_pending.sh memory     # issue 7: slicing peak with the math SDPA backend (480p) and at 720p (cuDNN)
+#   OUT=$OUT bash scripts/gpu_pending.sh batchscan  # issue 4: full-model latency vs batch, to find the batch that fills the GPU
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (fp8 kernel, quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 erta50|motion|overhead|quant|quantfid|fp8profile|attention|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 erta50|motion|overhead|quant|quantfid|fp8profile|attention|memory|batchscan|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -41,6 +43,15 @@ case "$STAGE" in
   attention)
     python3 benchmarks/attention.py --seq-lens 32768 --head-dims 128 --compensate both \
       --budget-s 500 --hard-limit-s 530 --out "$OUT/attention_comp.json" --plot "$OUT/attention_comp.png" ;;
+  memory)
+    python3 benchmarks/memory.py --models wan-1.3b --frames 21,13 --sdpa math --modes forward \
+      --chunks 4096:4096,1024:1024 --repeats 1 --budget-s 140 --hard-limit-s 170 --out "$OUT/memory_math.json"
+    python3 benchmarks/memory.py --models wan-1.3b --resolutions 720x1280 --frames 21 --sdpa default --modes forward \
+      --chunks 4096:4096,1024:1024,4096:4096:plain --repeats 1 --budget-s 100 --hard-limit-s 120 --out "$OUT/memory_720p.json" ;;
+  batchscan)
+    python3 benchmarks/caching.py --models reference-image --steps 50 --image-batches 64,256,1024,2048 --stages image \
+      --ours erta_cache --ours-grid '{"erta_cache": []}' --peers none --warmup 1 --repeats 2 \
+      --budget-s 100 --hard-limit-s 120 --out "$OUT/batchscan.json" ;;
   cudatests)
     python3 -m pytest tests/test_fp8_quant_kernel.py tests/test_quant_formats.py tests/test_ptq.py -q 2>&1 | tee "$OUT/cudatests.log" ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;

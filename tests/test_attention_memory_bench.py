@@ -98,3 +98,12 @@ def test_memory_smoke(tmp_path, capsys):
     assert plain and all(r["stats"]["attn_calls_grouped"] == 0 and "plain" in r["settings"] for r in plain)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["failed"] == []
+
+
+def test_memory_resolutions_parse():
+    mem = _load("memory")
+    assert mem.parse_resolution("720x1280") == (90, 160)
+    assert mem.parse_resolution("480X832") == (60, 104)
+    for bad in ("720", "720x1281", "0x64", "axb"):
+        with pytest.raises(SystemExit, match="--resolutions"):
+            mem.parse_resolution(bad)

@@ -297,3 +297,15 @@ def test_caching_benchmark_ours_grid_replaces_the_sweep():
     assert len(motion) == 1 and motion[0].config.idle_steps == 1 and motion[0].settings["recompute_ratio"] == 0.35
     with pytest.raises(SystemExit, match="unknown method 'nope'"):
         caching.grid_entries(ours, {"nope": [{}]})
+
+
+def test_caching_benchmark_peers_grid_replaces_the_sweep():
+    caching = _load_caching_module()
+    default = caching.peer_entries(False, False, ["magcache", "fbc"])
+    out = caching.peer_entries(False, False, ["magcache", "fbc"], {"magcache": [{"max_skip_steps": 6}]})
+    mag = [e for e in out if e.method == "magcache"]
+    assert [e.variant for e in mag] == ["recommended", "grid"]
+    assert mag[1].settings["max_skip_steps"] == 6 and mag[1].settings["threshold"] == mag[0].settings["threshold"]
+    assert [e.settings for e in out if e.method == "fbc"] == [e.settings for e in default if e.method == "fbc"]
+    with pytest.raises(SystemExit, match="unknown peer"):
+        caching.peer_entries(False, False, None, {"nope": [{}]})

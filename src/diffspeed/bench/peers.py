@@ -917,7 +917,8 @@ PEERS: dict[str, PeerMethod] = {
     "magcache": PeerMethod(
         "magcache", "diffusers", {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
         [{"threshold": t} for t in (0.02, 0.12, 0.24, 0.5)]
-        + [{"threshold": t, "max_skip_steps": k} for t, k in ((0.24, 5), (0.12, 4), (0.24, 4), (0.12, 5))],
+        + [{"threshold": t, "max_skip_steps": k}
+           for t, k in ((0.24, 5), (0.12, 4), (0.24, 4), (0.12, 5), (0.12, 6), (0.24, 6))],
         _apply_magcache, "diffusers MagCache with mag_ratios from its own calibration mode",
         "diffusers MagCacheConfig defaults (threshold 0.06, K=3, retention 0.2)",
         calibrate_fn=_calibrate_magcache, reasons_fn=_magcache_reasons,
