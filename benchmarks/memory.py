@@ -51,6 +51,7 @@ _T0 = time.perf_counter()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         base_shape = tuple(loaded.latent_shape)
         frame_list = frames_cand if model_name == "wan-1.3b" else [base_shape[1]]
         sizes = resolutions if model_name == "wan-1.3b" else [tuple(base_shape[2:])]
-        for sdpa, size in [(s_, z_) for s_ in sdpa_modes for z_ in sizes]:
+        for sdpa, size in itertools.product(sdpa_modes, sizes):
             for frames in frame_list:
                 shape = (base_shape[0], frames, *size)
                 tokens = (frames // pt[0]) * (shape[2] // pt[1]) * (shape[3] // pt[2])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements still pending after session 6, one stage per device call (each ends < 9 min).
+# GPU measurement stages, one per device call (each ends < 9 min). Still pending after session 7: quant, quantfid,
+# fp8profile and the MagCache / DBCache rows of overhead; the others ran (benchmarks/results/COMMANDS.md) and stay to re-run.
 # Run from the repository root on the GPU machine with `.whl/` carried (diffusers, cache-dit, torchao,
 # importlib_metadata wheels); every stage writes its files under $OUT (at most 8 files per call).
 #
