@@ -286,11 +286,11 @@ def peer_entries(quick: bool, no_sweep: bool, only: list[str] | None,
             continue
         out.append(Entry(name, True, peer.family, "recommended", dict(peer.recommended), peer_obj=peer))
         if grid and name in grid:
-            out += [Entry(name, True, peer.family, "grid", {**peer.recommended, **s}, peer_obj=peer) for s in grid[name]]
-            continue
-        sweep = [] if no_sweep else (peer.sweep[:1] if quick else peer.sweep)
+            variant, sweep = "grid", grid[name]
+        else:
+            variant, sweep = "sweep", [] if no_sweep else (peer.sweep[:1] if quick else peer.sweep)
         for s in sweep:
-            out.append(Entry(name, True, peer.family, "sweep", {**peer.recommended, **s}, peer_obj=peer))
+            out.append(Entry(name, True, peer.family, variant, {**peer.recommended, **s}, peer_obj=peer))
     return out
 
 

@@ -402,7 +402,6 @@ class _Runner:
         return v, residual
 
 
-
 def _row_rel_l1(new: torch.Tensor, old: torch.Tensor) -> list[float]:
     """Relative L1 change per batch row (one row per CFG branch of one sample)."""
     a = new.detach().double().flatten(1)
