@@ -72,6 +72,7 @@ import time
 _T0 = time.perf_counter()  # budgets count from process start, imports included
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
@@ -400,13 +401,19 @@ class Bench:
             t = entry.settings.get("calibration_threshold")
             frac = entry.settings.get("calibration_reuse_fraction")
             k = None if frac is None else max(1, round(frac * self.steps))
-            extra = {name: entry.settings[f"calibration_{name}"] for name in ("max_consecutive", "guidance_threshold")
+            names = ("max_consecutive", "guidance_threshold", "correction", "correction_order")
+            extra = {name: entry.settings[f"calibration_{name}"] for name in names
                      if entry.settings.get(f"calibration_{name}") is not None}
             what = (f"erta_cache@{t}" if k is None else f"erta_cache@reuse{k}") + "".join(
                 f",{name}={value}" for name, value in sorted(extra.items()))
             path = self._calibration(what, lambda: self._calibrate_erta(t, k, extra))
             cfg = _erta_config(entry.config, path, entry.settings)
             row["settings"] = _jsonable_settings({**entry.settings, **_config_settings(cfg)})
+            with contextlib.suppress(OSError, ValueError):  # rows say which residual fit the file holds
+                calib = json.loads(Path(path).read_text())
+                row["settings"]["calibration_correction"] = calib.get("residual_correction", "scalar")
+                row["settings"]["calibration_correction_order"] = (calib.get("calibration") or {}).get(
+                    "correction_order", 1)
             how = (f"threshold={t}" if k is None else f"reuse_steps={k} (ranked by measured reuse cost)") + "".join(
                 f", {name}={value}" for name, value in sorted(extra.items()))
             row["notes"].append(f"erta_cache calibrated by diffspeed.calibrate.calibrate_erta({how}) on seeds "
@@ -814,6 +821,7 @@ _ABBREV = {
     "spatial_attention_block_skip_range": "sp", "cross_attention_block_skip_range": "cr",
     "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal", "calibration_reuse_fraction": "reuse",
     "calibration_max_consecutive": "mc", "calibration_guidance_threshold": "cfg",
+    "calibration_correction": "corr", "calibration_correction_order": "co",
     "recompute_ratio": "rr", "full_every": "fe", "idle_steps": "idle",
 }
 

@@ -13,9 +13,11 @@
 #   OUT=$OUT bash scripts/gpu_pending.sh attention  # issue 7: S2O with remainder compensation at 32k
 #   OUT=$OUT bash scripts/gpu_pending.sh memory     # issue 7: slicing peak with the math SDPA backend (480p) and at 720p (cuDNN)
 #   OUT=$OUT bash scripts/gpu_pending.sh batchscan  # issue 4: full-model latency vs batch, to find the batch that fills the GPU
+#   OUT=$OUT bash scripts/gpu_pending.sh channel    # issue 4: erta_cache per-channel correction vs scalar vs MagCache, image b1024, 25 + 50 steps
+#   OUT=$OUT bash scripts/gpu_pending.sh channelvideo # issue 4: the same on video b32 vs TaylorSeer-lite, then the overhead stage
 #   OUT=$OUT bash scripts/gpu_pending.sh cudatests  # CUDA-only unit tests (fp8 kernel, quant formats incl. int4 dequant)
 set -uo pipefail
-STAGE="${1:?usage: OUT=DIR $0 erta50|motion|overhead|quant|quantfid|fp8profile|attention|memory|batchscan|cudatests}"
+STAGE="${1:?usage: OUT=DIR $0 channel|channelvideo|erta50|motion|overhead|quant|quantfid|fp8profile|attention|memory|batchscan|cudatests}"
 OUT="${OUT:?set OUT}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DIFFUSERS_VERBOSITY=error
@@ -53,6 +55,20 @@ case "$STAGE" in
     python3 benchmarks/caching.py --models reference-image --steps 50 --image-batches 64,256,1024,2048 --stages image \
       --ours erta_cache --ours-grid '{"erta_cache": []}' --peers none --warmup 1 --repeats 2 \
       --budget-s 100 --hard-limit-s 120 --out "$OUT/batchscan.json" ;;
+  channel)
+    G='{"erta_cache":[{"calibration_threshold":0.25,"calibration_max_consecutive":5},{"calibration_threshold":0.3,"calibration_max_consecutive":4},{"calibration_threshold":0.3,"calibration_max_consecutive":6},{"calibration_threshold":0.35,"calibration_max_consecutive":5},{"calibration_threshold":0.25,"calibration_max_consecutive":5,"calibration_correction":"scalar"}]}'
+    P='{"magcache":[{"threshold":0.12,"max_skip_steps":3},{"threshold":0.24,"max_skip_steps":3},{"threshold":0.24,"max_skip_steps":5}]}'
+    python3 benchmarks/caching.py --models reference-image --steps 25,50 --image-batches 1024 --stages image --ours erta_cache \
+      --ours-grid "$G" --peers magcache --peers-grid "$P" --warmup 1 --repeats 2 --budget-s 500 --hard-limit-s 540 \
+      --out "$OUT/caching_img_channel.json" --plot "$OUT/caching_img_channel.png" ;;
+  channelvideo)
+    GV='{"erta_cache":[{"calibration_threshold":0.25,"calibration_max_consecutive":6},{"calibration_threshold":0.3,"calibration_max_consecutive":6},{"calibration_threshold":0.3,"calibration_max_consecutive":4},{"calibration_threshold":0.25,"calibration_max_consecutive":6,"calibration_correction":"scalar"}]}'
+    PV='{"taylorseer_lite":[{"cache_interval":4},{"cache_interval":6}]}'
+    python3 benchmarks/caching.py --models reference-video --steps 50 --video-batches 32 --stages video --ours erta_cache \
+      --ours-grid "$GV" --peers taylorseer_lite --peers-grid "$PV" --repeats 3 --budget-s 250 --hard-limit-s 270 \
+      --out "$OUT/caching_video_channel.json" --plot "$OUT/caching_video_channel.png"
+    python3 benchmarks/caching.py --stages overhead --overhead-batch 64 --overhead-steps 10 --overhead-repeats 9 \
+      --peers magcache,dbcache --budget-s 250 --hard-limit-s 280 --out "$OUT/caching_overhead_peers.json" ;;
   cudatests)
     python3 -m pytest tests/test_fp8_quant_kernel.py tests/test_quant_formats.py tests/test_ptq.py -q 2>&1 | tee "$OUT/cudatests.log" ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;

@@ -295,15 +295,69 @@ def test_each_override_changes_the_integration(tiny_dit, calib_path, calib_data)
     assert not torch.equal(both, no_dt) and not torch.equal(both, no_res)
 
 
-def test_identity_calibration_equals_plain_reuse(tiny_dit, calib_data, tmp_path):
-    """dt_scale 1 and coefficients (1, 0) are exactly plain reuse: the corrections are the only difference."""
+@pytest.mark.parametrize("form", ["scalar", "channel"])
+def test_identity_calibration_equals_plain_reuse(tiny_dit, calib_data, tmp_path, form):
+    """dt_scale 1 and coefficients (1, 0) / per-channel weights (1, 0, 0) are exactly plain reuse: the
+    corrections are the only difference."""
     calib_data["dt_scale"] = [1.0] * STEPS
     calib_data["residual_coeffs"] = [[1.0, 0.0] if c is not None else None for c in calib_data["residual_coeffs"]]
+    if form == "scalar":
+        calib_data["channel_coeffs"] = None
+    else:
+        calib_data["channel_coeffs"] = [[[1.0 if i == 0 else 0.0] * len(w[0]) for i in range(len(w))]
+                                        if w is not None else None for w in calib_data["channel_coeffs"]]
     path = _write(tmp_path, calib_data)
     identity = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path))
     plain = _final_latents(tiny_dit, ErtaCacheConfig(calibration=path, use_timestep_adjust=False,
                                                      use_residual_correction=False))
     assert torch.equal(identity, plain)
+
+
+def test_channel_correction_contents_and_use(tiny_dit, calib_data, tmp_path):
+    """The default per-channel fit: one weight per hidden channel for each feature it had history for, a
+    lower residual error than the scalar pair on the calibration data, and the method really applies it."""
+    hidden = tiny_dit.transformer.config.num_attention_heads * tiny_dit.transformer.config.attention_head_dim
+    assert calib_data["residual_correction"] == "channel" and calib_data["calibration"]["correction_order"] == 1
+    computed_before = 0
+    for k, reused in enumerate(calib_data["schedule"]):
+        w = calib_data["channel_coeffs"][k]
+        if not reused:
+            assert w is None
+            computed_before += 1
+            continue
+        assert len(w) == min(2, computed_before) and all(len(row) == hidden for row in w)
+        assert len({round(v, 6) for v in w[0]}) > 1  # really per channel, not one number repeated
+    scalar = calibrate_erta(tiny_dit, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
+                            threshold=50.0, max_consecutive=3, correction="scalar", validate=False)
+    assert scalar["channel_coeffs"] is None and scalar["schedule"] == calib_data["schedule"]
+    # at the first reused step both fits see the same state (later ones follow their own corrected paths):
+    # the scalar pair is fitted alike, and per-channel least squares, which contains it, fits better
+    k = calib_data["schedule"].index(True)
+    assert scalar["residual_coeffs"][k] == calib_data["residual_coeffs"][k]
+    errors = [d["stats"]["residual_rel_error_corrected"][k] for d in (calib_data, scalar)]
+    assert errors[0] < errors[1]
+    if calib_data["stats"]["validation"]["kept"] in ("both", "residual_only"):
+        with_channel = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data)))
+        calib_data["channel_coeffs"] = None
+        without = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data, "s.json")))
+        assert not torch.equal(with_channel, without)
+
+
+def test_channel_correction_bad_input(tiny_dit, calib_data, tmp_path):
+    with pytest.raises(DiffspeedError, match="correction must be 'channel'.*'scalar'"):
+        calibrate_erta(tiny_dit, num_steps=4, seeds=[0], correction="tensor")
+    with pytest.raises(DiffspeedError, match="correction_order must be 1.*or 2"):
+        calibrate_erta(tiny_dit, num_steps=4, seeds=[0], correction_order=3)
+    k = calib_data["schedule"].index(True)
+    calib_data["channel_coeffs"][k] = [[1.0, 0.0], [0.0]]
+    with pytest.raises(DiffspeedError, match=rf"channel_coeffs\[{k}\] must be null or 1-3 equally long"):
+        diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=_write(tmp_path, calib_data)))
+    calib_data["channel_coeffs"][k] = [[1.0] * 5]  # well formed, but not this model's channel count
+    with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=_write(tmp_path, calib_data, "w.json"))):
+        with pytest.raises(DiffspeedError, match="5 per-channel coefficients.*recalibrate"):
+            sample(tiny_dit.transformer, tiny_dit.make_condition(LABELS, torch.device("cpu")), seeds=SEEDS,
+                   latent_shape=tiny_dit.latent_shape, num_steps=STEPS, guidance_scale=GUIDANCE,
+                   adapter=tiny_dit.adapter)
 
 
 def test_output_scaling_handles_every_return_type(tiny_dit, calib_path, calib_data):
@@ -561,3 +615,20 @@ def test_difference_sources_are_the_full_steps_a_guidance_step_reads():
     assert difference_sources(schedule, guidance, 0) == {3}
     assert difference_sources(schedule, guidance, 1) == {1, 3}
     assert difference_sources(schedule, [False] * 8, 0) == set()
+
+
+def test_channel_correction_order_two_uses_the_curvature(tiny_dit, tmp_path):
+    """Order 2 fits a third (curvature) weight once three computed steps exist, and the method keeps the
+    residual it needs: with the curvature weights zeroed the output changes (they are really applied)."""
+    data = calibrate_erta(tiny_dit, num_steps=STEPS, seeds=SEEDS, labels=LABELS, guidance_scale=GUIDANCE,
+                          threshold=50.0, max_consecutive=3, warmup_steps=3, final_steps=1, correction_order=2,
+                          validate=False)
+    assert data["calibration"]["correction_order"] == 2
+    counts = [len(w) for w in data["channel_coeffs"] if w is not None]
+    assert counts and all(c == 3 for c in counts)  # three computed warm-up steps before the first reuse
+    out = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, data)))
+    for w in data["channel_coeffs"]:
+        if w is not None:
+            w[2] = [0.0] * len(w[2])
+    flat = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, data, "flat.json")))
+    assert torch.isfinite(out).all() and not torch.equal(out, flat)

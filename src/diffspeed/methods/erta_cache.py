@@ -16,6 +16,10 @@ integrated over the fixed interval of the schedule), and fixes each with somethi
    predicted as ``r_k ~= a_k r_m + b_k (r_m - r_m')`` with ``m`` the last computed step and ``m'``
    the computed step before it; ``(a_k, b_k)`` are closed-form least-squares coefficients (2x2
    normal equations, a small ridge toward plain reuse ``(1, 0)``) fitted on calibration data.
+   Calibrations made with ``correction="channel"`` (the default) hold one ``(a, b)`` per hidden
+   channel instead (``channel_coeffs``; optionally a third weight on the curvature
+   ``r_m - 2 r_m' + r_m''``): hidden channels drift at different rates, and one pair per step fits
+   the average channel. Applied as one ``mul`` + ``addcmul`` per feature, on the device.
 3. **Trajectory-aware timestep adjustment.** The sampler owns the Euler update
    ``x += dt * v``; integrating the reused velocity over a corrected interval ``dt_scale[k] * dt``
    is the same as ``x += dt * (dt_scale[k] * v)``, so a reused step scales the model *output* by
@@ -43,8 +47,8 @@ plus ``corrected_steps``, ``dt_adjusted_steps``, ``guidance_reused_steps`` and `
 
 Differences from the paper (see also :mod:`diffspeed.calibrate`): the schedule is built from the
 step-to-step residual change of the full trajectory (the paper profiles the reuse error of
-candidate policies); the linearization is two scalars per reused step (shared by all channels,
-tokens and CFG branches) rather than the paper's per-step error model; ``m'`` is the previous
+candidate policies); the linearization is two scalars, or two weights per channel, per reused
+step (shared by all tokens and CFG branches) rather than the paper's per-step error model; ``m'`` is the previous
 *computed* step (``r_{m-1}`` does not exist when step ``m-1`` was itself reused); encoder-state
 residuals (models whose blocks return them) are reused plainly; ``dt_scale`` is fitted
 sequentially on the cached trajectory toward the full trajectory's next state, clamped, and
@@ -155,6 +159,30 @@ def corrected_residual(r_m: torch.Tensor, r_prev: torch.Tensor | None, a: float,
         out = torch.add(r_m * (a + b), r_prev, alpha=-b)
         return out
     return r_m if a == 1.0 else r_m * a
+
+
+def residual_features(r_m: torch.Tensor, r_prev: torch.Tensor | None, r_prev2: torch.Tensor | None,
+                      count: int) -> list[torch.Tensor] | None:
+    """The first ``count`` finite-difference features of the computed residuals: ``r_m``, ``r_m - r_m'``,
+    ``r_m - 2 r_m' + r_m''`` (value, slope, curvature); None when the history is too short or mismatched."""
+    feats = [r_m]
+    if count >= 2:
+        if r_prev is None or r_prev.shape != r_m.shape:
+            return None
+        feats.append(r_m - r_prev)
+    if count >= 3:
+        if r_prev2 is None or r_prev2.shape != r_m.shape:
+            return None
+        feats.append(torch.add(feats[1], r_prev - r_prev2, alpha=-1.0))
+    return feats
+
+
+def channel_residual(feats: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * f_i`` with one weight per channel (last dim): ``weights`` is ``[len(feats), C]``."""
+    out = feats[0] * weights[0]
+    for f, w in zip(feats[1:], weights[1:]):
+        out = torch.addcmul(out, f, w)
+    return out
 
 
 def second_half(value: Any, rows: int) -> Any:
@@ -287,6 +315,26 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
         (float(c[0]), float(c[1])) if (c is not None and config.use_residual_correction) else (1.0, 0.0)
         for c in data["residual_coeffs"]
     ]
+    raw_channel = data.get("channel_coeffs") if config.use_residual_correction else None
+    channel: list[torch.Tensor | None] = [
+        torch.tensor(c, dtype=torch.float32) if c is not None else None for c in (raw_channel or [None] * n_cal)
+    ]
+    keep_prev2 = any(c is not None and c.shape[0] >= 3 for c in channel)
+    channel_on_device: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def channel_weights(step: int, like: torch.Tensor) -> torch.Tensor | None:
+        w = channel[step]
+        if w is None:
+            return None
+        if w.shape[1] != like.shape[-1]:
+            raise DiffspeedError(
+                f"calibration file {source} has {w.shape[1]} per-channel coefficients at step {step}, but the "
+                f"cached residual has {like.shape[-1]} channels (shape {tuple(like.shape)}); recalibrate for this model"
+            )
+        key_w = (step, like.device, like.dtype)
+        if key_w not in channel_on_device:  # moved once per generation device/dtype, not per call
+            channel_on_device[key_w] = w.to(like.device, like.dtype)
+        return channel_on_device[key_w]
     model_name = data.get("model", {}).get("name") or "<model>"
     stats = handle.stats
     stats.update({"computed_steps": 0, "skipped_steps": 0, "skipped_blocks": 0,
@@ -355,6 +403,8 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
             remember(st.setdefault("d_res", []), ctx.step_index,
                      (half_difference(res_h),
                       half_difference(res_e) if (res_e is not None and res_e.shape[0] % 2 == 0) else None))
+        if keep_prev2:
+            st["r_prev2"] = st.get("r_prev")
         st["r_prev"] = st.get("r_m")
         st["r_m"] = (res_h, res_e)
 
@@ -364,9 +414,16 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
         cached = st.get("r_m")
         if st.get("want_reuse") and cached is not None and cached[0].shape == hidden.shape:
             step = ctx.step_index
-            a, b = coeffs[step]
-            prev = st.get("r_prev")
-            res_h = corrected_residual(cached[0], prev[0] if prev is not None else None, a, b)
+            prev, prev2 = st.get("r_prev"), st.get("r_prev2")
+            res_h = cached[0]
+            w = channel_weights(step, cached[0])
+            feats = None if w is None else residual_features(
+                cached[0], prev[0] if prev is not None else None, prev2[0] if prev2 is not None else None, w.shape[0])
+            if feats is not None:
+                res_h = channel_residual(feats, w)
+            else:  # scalar linearization (also the fallback when the history is shorter than calibrated)
+                a, b = coeffs[step]
+                res_h = corrected_residual(cached[0], prev[0] if prev is not None else None, a, b)
             if res_h is not cached[0]:
                 stats["corrected_steps"] += 1
             res_e = cached[1]
