@@ -632,3 +632,19 @@ def test_channel_correction_order_two_uses_the_curvature(tiny_dit, tmp_path):
             w[2] = [0.0] * len(w[2])
     flat = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, data, "flat.json")))
     assert torch.isfinite(out).all() and not torch.equal(out, flat)
+
+
+def test_channel_residual_accumulates_in_float32_for_half_inputs():
+    from diffspeed.methods.erta_cache import channel_residual, residual_features
+
+    g = torch.Generator().manual_seed(0)
+    r = [torch.randn(2, 16, 8, generator=g) for _ in range(3)]
+    w = torch.stack([1 + 0.003 * torch.randn(8, generator=g), 0.3 * torch.randn(8, generator=g)])
+    exact = channel_residual(residual_features(*r, 2), w)
+    assert torch.allclose(exact, r[0] * w[0] + (r[0] - r[1]) * w[1], atol=1e-6)
+    feats = residual_features(*[x.bfloat16() for x in r], 2)
+    half = channel_residual(feats, w)
+    assert half.dtype == torch.bfloat16
+    # one bf16 rounding of the result, not of weights near 1 (which alone would cost ~2^-9 relative)
+    assert torch.equal(half, channel_residual([f.float() for f in feats], w).bfloat16())
+    assert not torch.equal(half, feats[0] * w[0].bfloat16() + feats[1] * w[1].bfloat16())
