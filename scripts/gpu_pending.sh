@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU measurement stages, one per device call (each ends < 9 min). Still pending after session 7: quant, quantfid,
-# fp8profile and the MagCache / DBCache rows of overhead; the others ran (benchmarks/results/COMMANDS.md) and stay to re-run.
+# GPU measurement stages, one per device call (each ends < 9 min). Nothing is pending after session 8: every stage
+# has run at least once (benchmarks/results/COMMANDS.md) and stays here to re-run.
 # Run from the repository root on the GPU machine with `.whl/` carried (diffusers, cache-dit, torchao,
 # importlib_metadata wheels); every stage writes its files under $OUT (at most 8 files per call).
 #
