@@ -419,6 +419,13 @@ def test_cli_writes_a_valid_file(tmp_path, tiny_dit):
     with diffspeed.apply(tiny_dit.transformer, ErtaCacheConfig(calibration=str(out))) as h:
         generate(tiny_dit, [0], [0], num_steps=8, guidance_scale=3.0)
     assert h.stats["skipped_steps"] == sum(data["schedule"])
+    assert data["residual_correction"] in ("channel", "scalar")  # scalar only if validation preferred it
+
+    scalar_out = tmp_path / "scalar.json"
+    result = CliRunner().invoke(app, ["erta", "--model", "tiny-dit", "--steps", "8", "--seeds", "2", "--guidance", "3",
+                                      "--threshold", "50", "--correction", "scalar", "--out", str(scalar_out)])
+    assert result.exit_code == 0, result.output
+    assert load_calibration(scalar_out)["channel_coeffs"] is None
 
 
 @pytest.mark.parametrize(
@@ -429,6 +436,8 @@ def test_cli_writes_a_valid_file(tmp_path, tiny_dit):
         (["--threshold", "-1"], "--threshold must be > 0"),
         (["--out", "x.txt"], "--out must end with .json"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--correction", "tensor"], "correction must be 'channel'"),
+        (["--correction-order", "3"], "correction_order must be 1"),
     ],
 )
 def test_cli_bad_input(tmp_path, monkeypatch, args, message):
