@@ -637,6 +637,7 @@ def calibrate_erta(
         run.ctx.begin(n, explicit=True)
         xs = [s.x0 for s in samples]
         mem: list[dict[str, Any]] = [{"r_m": None, "r_prev": None, "r_prev2": None} for _ in samples]
+        curvature = correction == "channel" and correction_order >= 2
         cfg_states: list[dict[str, Any] | None] = [{"order": guidance_order} if any(guidance) else None
                                                    for _ in samples]
         for i in range(n):
@@ -646,7 +647,9 @@ def calibrate_erta(
                     if cfg_states[j] is not None:
                         cfg_states[j]["reuse"] = guidance[i]
                     v, res = run.velocity(s, xs[j], i, cfg=cfg_states[j])
-                    mem[j]["r_prev2"], mem[j]["r_prev"], mem[j]["r_m"] = mem[j]["r_prev"], mem[j]["r_m"], res
+                    if curvature:  # one more residual per sample kept only when a weight needs it
+                        mem[j]["r_prev2"] = mem[j]["r_prev"]
+                    mem[j]["r_prev"], mem[j]["r_m"] = mem[j]["r_m"], res
                     xs[j] = xs[j] + dt * v
                     if bar:
                         bar.advance(task)
