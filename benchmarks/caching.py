@@ -72,7 +72,6 @@ import time
 _T0 = time.perf_counter()  # budgets count from process start, imports included
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
@@ -409,11 +408,13 @@ class Bench:
             path = self._calibration(what, lambda: self._calibrate_erta(t, k, extra))
             cfg = _erta_config(entry.config, path, entry.settings)
             row["settings"] = _jsonable_settings({**entry.settings, **_config_settings(cfg)})
-            with contextlib.suppress(OSError, ValueError):  # rows say which residual fit the file holds
-                calib = json.loads(Path(path).read_text())
-                row["settings"]["calibration_correction"] = calib.get("residual_correction", "scalar")
-                row["settings"]["calibration_correction_order"] = (calib.get("calibration") or {}).get(
-                    "correction_order", 1)
+            from diffspeed.calibrate import load_calibration
+
+            # the request stays in the settings; what the file holds after its validation is recorded beside it
+            calib = load_calibration(path)
+            row["settings"]["calibration_kept_correction"] = (
+                f"{calib.get('residual_correction', 'scalar')}/{calib['calibration'].get('correction_order', 1)}"
+                f"/{(calib['stats'].get('validation') or {}).get('kept', 'unvalidated')}")
             how = (f"threshold={t}" if k is None else f"reuse_steps={k} (ranked by measured reuse cost)") + "".join(
                 f", {name}={value}" for name, value in sorted(extra.items()))
             row["notes"].append(f"erta_cache calibrated by diffspeed.calibrate.calibrate_erta({how}) on seeds "
@@ -821,7 +822,7 @@ _ABBREV = {
     "spatial_attention_block_skip_range": "sp", "cross_attention_block_skip_range": "cr",
     "unconditional_batch_skip_range": "unc", "max_skip_steps": "K", "calibration_threshold": "cal", "calibration_reuse_fraction": "reuse",
     "calibration_max_consecutive": "mc", "calibration_guidance_threshold": "cfg",
-    "calibration_correction": "corr", "calibration_correction_order": "co",
+    "calibration_correction": "corr", "calibration_correction_order": "co", "calibration_kept_correction": "kept",
     "recompute_ratio": "rr", "full_every": "fe", "idle_steps": "idle",
 }
 

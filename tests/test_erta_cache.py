@@ -336,11 +336,11 @@ def test_channel_correction_contents_and_use(tiny_dit, calib_data, tmp_path):
     assert scalar["residual_coeffs"][k] == calib_data["residual_coeffs"][k]
     errors = [d["stats"]["residual_rel_error_corrected"][k] for d in (calib_data, scalar)]
     assert errors[0] < errors[1]
-    if calib_data["stats"]["validation"]["kept"] in ("both", "residual_only"):
-        with_channel = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data)))
-        calib_data["channel_coeffs"] = None
-        without = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data, "s.json")))
-        assert not torch.equal(with_channel, without)
+    # validation kept the per-channel weights here (the loop above read them): they are what runs
+    with_channel = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data)))
+    calib_data["channel_coeffs"] = None
+    without = _final_latents(tiny_dit, ErtaCacheConfig(calibration=_write(tmp_path, calib_data, "s.json")))
+    assert not torch.equal(with_channel, without)
 
 
 def test_channel_correction_bad_input(tiny_dit, calib_data, tmp_path):
@@ -643,17 +643,24 @@ def test_channel_correction_order_two_uses_the_curvature(tiny_dit, tmp_path):
     assert torch.isfinite(out).all() and not torch.equal(out, flat)
 
 
-def test_channel_residual_accumulates_in_float32_for_half_inputs():
-    from diffspeed.methods.erta_cache import channel_residual, residual_features
+def test_channel_residual_in_the_residual_basis():
+    """The method applies feature weights (value, slope, curvature) as weights on the residuals
+    themselves: the same sum, no differences formed; half-precision inputs accumulate in float32."""
+    from diffspeed.methods.erta_cache import channel_residual, history_weights, residual_features, residual_history
 
     g = torch.Generator().manual_seed(0)
-    r = [torch.randn(2, 16, 8, generator=g) for _ in range(3)]
-    w = torch.stack([1 + 0.003 * torch.randn(8, generator=g), 0.3 * torch.randn(8, generator=g)])
-    exact = channel_residual(residual_features(*r, 2), w)
-    assert torch.allclose(exact, r[0] * w[0] + (r[0] - r[1]) * w[1], atol=1e-6)
-    feats = residual_features(*[x.bfloat16() for x in r], 2)
-    half = channel_residual(feats, w)
-    assert half.dtype == torch.bfloat16
+    r = [torch.randn(2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    for k in (1, 2, 3):
+        w = torch.randn(k, 8, generator=g, dtype=torch.float64)
+        want = sum(f * w_i for f, w_i in zip(residual_features(*r, k), w))
+        got = channel_residual(residual_history(*r, k), history_weights(w).double())
+        assert torch.allclose(got, want, atol=1e-5)  # history_weights rounds to float32
+    assert residual_history(r[0], None, None, 2) is None and residual_features(r[0], r[1], None, 3) is None
+
+    w = history_weights(torch.stack([1 + 0.003 * torch.randn(8, generator=g), 0.3 * torch.randn(8, generator=g)]))
+    half = [x.bfloat16() for x in r[:2]]
+    out = channel_residual(half, w)
+    assert out.dtype == torch.bfloat16
     # one bf16 rounding of the result, not of weights near 1 (which alone would cost ~2^-9 relative)
-    assert torch.equal(half, channel_residual([f.float() for f in feats], w).bfloat16())
-    assert not torch.equal(half, feats[0] * w[0].bfloat16() + feats[1] * w[1].bfloat16())
+    assert torch.equal(out, channel_residual([h.float() for h in half], w).bfloat16())
+    assert not torch.equal(out, half[0] * w[0].bfloat16() + half[1] * w[1].bfloat16())

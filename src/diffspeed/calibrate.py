@@ -521,7 +521,7 @@ def calibrate_erta(
     dict that :func:`save_calibration` writes and ``ErtaCacheConfig(calibration=path)`` reads.
     """
     from .methods.base import Stage, applied_methods
-    from .methods.erta_cache import channel_residual, corrected_residual, residual_features
+    from .methods.erta_cache import channel_residual, corrected_residual, history_weights, residual_history
 
     t_start = time.perf_counter()
     seeds = [int(s) for s in seeds]
@@ -679,7 +679,8 @@ def calibrate_erta(
             if correction == "channel":
                 weights = _fit_channel_weights(mem, truths, correction_order, ridge)
                 channel_coeffs[i] = [[float(f"{v:.7g}") for v in row] for row in weights.tolist()]
-                weights = torch.tensor(channel_coeffs[i], dtype=torch.float32)  # exactly what the file holds
+                # what the method will apply: the file's rounded values, in the residual basis
+                weights = history_weights(torch.tensor(channel_coeffs[i], dtype=torch.float64))
             # (a) timestep adjustment toward the full trajectory's next state
             num = den = corr_num = 0.0
             vels: list[torch.Tensor] = []
@@ -688,8 +689,8 @@ def calibrate_erta(
                 prev = mem[j]["r_prev"][0] if mem[j]["r_prev"] is not None else None
                 if weights is not None:
                     prev2 = mem[j]["r_prev2"][0] if mem[j]["r_prev2"] is not None else None
-                    feats = residual_features(r_m, prev, prev2, weights.shape[0])
-                    r_c = channel_residual(feats, weights.to(r_m.device, r_m.dtype))  # type: ignore[arg-type]
+                    history = residual_history(r_m, prev, prev2, weights.shape[0])
+                    r_c = channel_residual(history, weights)  # type: ignore[arg-type]
                 else:
                     r_c = corrected_residual(r_m, prev, a, b)
                 corr_num += _dot(r_c - truths[j], r_c - truths[j])

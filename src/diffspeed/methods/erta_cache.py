@@ -19,7 +19,8 @@ integrated over the fixed interval of the schedule), and fixes each with somethi
    Calibrations made with ``correction="channel"`` (the default) hold one ``(a, b)`` per hidden
    channel instead (``channel_coeffs``; optionally a third weight on the curvature
    ``r_m - 2 r_m' + r_m''``): hidden channels drift at different rates, and one pair per step fits
-   the average channel. Applied as one ``mul`` + ``addcmul`` per feature, on the device.
+   the average channel. Rewritten once at apply time as weights on ``r_m, r_m', r_m''`` themselves,
+   a reused step costs one ``mul`` plus one ``addcmul`` per older residual, on the device.
 3. **Trajectory-aware timestep adjustment.** The sampler owns the Euler update
    ``x += dt * v``; integrating the reused velocity over a corrected interval ``dt_scale[k] * dt``
    is the same as ``x += dt * (dt_scale[k] * v)``, so a reused step scales the model *output* by
@@ -161,32 +162,58 @@ def corrected_residual(r_m: torch.Tensor, r_prev: torch.Tensor | None, a: float,
     return r_m if a == 1.0 else r_m * a
 
 
+def residual_history(r_m: torch.Tensor, r_prev: torch.Tensor | None, r_prev2: torch.Tensor | None,
+                     count: int) -> list[torch.Tensor] | None:
+    """The last ``count`` computed residuals, newest first (``r_m, r_m', r_m''``); None when fewer exist or
+    their shapes differ."""
+    history = [r_m, r_prev, r_prev2][:count]
+    if any(h is None or h.shape != r_m.shape for h in history):
+        return None
+    return history  # type: ignore[return-value]
+
+
 def residual_features(r_m: torch.Tensor, r_prev: torch.Tensor | None, r_prev2: torch.Tensor | None,
                       count: int) -> list[torch.Tensor] | None:
-    """The first ``count`` finite-difference features of the computed residuals: ``r_m``, ``r_m - r_m'``,
-    ``r_m - 2 r_m' + r_m''`` (value, slope, curvature); None when the history is too short or mismatched."""
+    """What the calibration regresses on: ``r_m``, ``r_m - r_m'``, ``r_m - 2 r_m' + r_m''`` (value, slope,
+    curvature; the first ``count``). A ridge toward plain reuse ``(1, 0, 0)`` is natural in this basis."""
+    history = residual_history(r_m, r_prev, r_prev2, count)
+    if history is None:
+        return None
     feats = [r_m]
     if count >= 2:
-        if r_prev is None or r_prev.shape != r_m.shape:
-            return None
-        feats.append(r_m - r_prev)
+        feats.append(r_m - history[1])
     if count >= 3:
-        if r_prev2 is None or r_prev2.shape != r_m.shape:
-            return None
-        feats.append(torch.add(feats[1], r_prev - r_prev2, alpha=-1.0))
+        feats.append(feats[1] - (history[1] - history[2]))
     return feats
 
 
-def channel_residual(feats: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i * f_i`` with one weight per channel (last dim): ``weights`` is ``[len(feats), C]``.
+def history_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Per-channel feature weights ``[K, C]`` rewritten as weights on the residuals themselves:
+    ``w0 r + w1 (r - r') + w2 (r - 2 r' + r'') = (w0 + w1 + w2) r - (w1 + 2 w2) r' + w2 r''``. A reused
+    step then forms no differences, only one multiply and ``K - 1`` fused multiply-adds."""
+    w = weights.double()
+    out = w.clone()
+    out[0] = w.sum(dim=0)
+    if w.shape[0] >= 2:
+        out[1] = -(w[1] + 2.0 * w[2]) if w.shape[0] >= 3 else -w[1]
+    return out.float()
 
-    Accumulated in float32 (weights near 1 would lose ~0.4% in bf16) and returned in the features' dtype.
-    """
-    dtype = feats[0].dtype
-    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    out = feats[0].to(wide) * weights[0]
-    for f, w in zip(feats[1:], weights[1:]):
-        out = torch.addcmul(out, f.to(wide), w)
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision residuals (weights near 1 would lose ~0.4% in bf16), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def channel_residual(history: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * r_i`` over the computed residuals (newest first) with one weight per channel (last
+    dim); ``weights`` is :func:`history_weights`' ``[len(history), C]``. Accumulated in
+    :func:`accumulation_dtype`, returned in the residuals' dtype (also what calibration simulates)."""
+    dtype = history[0].dtype
+    wide = accumulation_dtype(dtype)
+    w = weights.to(history[0].device, wide)  # a no-op for the method's device-resident copy
+    out = history[0].to(wide) * w[0]
+    for h, w_i in zip(history[1:], w[1:]):
+        out = torch.addcmul(out, h.to(wide), w_i)
     return out.to(dtype)
 
 
@@ -321,8 +348,9 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
         for c in data["residual_coeffs"]
     ]
     raw_channel = data.get("channel_coeffs") if config.use_residual_correction else None
-    channel: list[torch.Tensor | None] = [
-        torch.tensor(c, dtype=torch.float32) if c is not None else None for c in (raw_channel or [None] * n_cal)
+    channel: list[torch.Tensor | None] = [  # in the residual basis: no differences formed per reused step
+        history_weights(torch.tensor(c, dtype=torch.float64)) if c is not None else None
+        for c in (raw_channel or [None] * n_cal)
     ]
     keep_prev2 = any(c is not None and c.shape[0] >= 3 for c in channel)
     channel_on_device: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -336,7 +364,7 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
                 f"calibration file {source} has {w.shape[1]} per-channel coefficients at step {step}, but the "
                 f"cached residual has {like.shape[-1]} channels (shape {tuple(like.shape)}); recalibrate for this model"
             )
-        wide = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        wide = accumulation_dtype(like.dtype)
         key_w = (step, like.device, wide)
         if key_w not in channel_on_device:  # copied to the device once, not per call
             channel_on_device[key_w] = w.to(like.device, wide)
@@ -422,10 +450,10 @@ def apply_with_data(model: nn.Module, config: ErtaCacheConfig, adapter: ModelAda
             step = ctx.step_index
             prev, prev2 = st.get("r_prev"), st.get("r_prev2")
             w = channel_weights(step, cached[0])
-            feats = None if w is None else residual_features(
+            history = None if w is None else residual_history(
                 cached[0], prev[0] if prev is not None else None, prev2[0] if prev2 is not None else None, w.shape[0])
-            if feats is not None:
-                res_h = channel_residual(feats, w)
+            if history is not None:
+                res_h = channel_residual(history, w)
             else:  # scalar linearization (also the fallback when the history is shorter than calibrated)
                 a, b = coeffs[step]
                 res_h = corrected_residual(cached[0], prev[0] if prev is not None else None, a, b)
